@@ -1,0 +1,30 @@
+# Two commands: `make demo` (the closed loop in MuJoCo) and `make test` (pytest + ruff).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MUJOCO_GL ?= egl
+export PYOPENGL_PLATFORM ?= $(MUJOCO_GL)
+export FASTDDS_BUILTIN_TRANSPORTS ?= LARGE_DATA
+export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
+export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
+
+.PHONY: setup demo test lint colcon-check bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m magma_ros.demo $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m ruff check magma_ros test benchmarks
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check magma_ros test benchmarks
+
+bench: setup
+	$(PY) benchmarks/safety.py
+	$(PY) benchmarks/policy_step.py --device cpu --checkpoint tiny
+
+clean:
+	rm -rf build install log *.egg-info .pytest_cache

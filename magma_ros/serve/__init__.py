@@ -1,0 +1,1 @@
+"""magma_ros.serve."""
