@@ -28,9 +28,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip >/dev/null
+"$VENV/bin/pip" install -q --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
 echo "[setup] installing pinned dependencies into $VENV (first time: a few minutes)"
-"$VENV/bin/pip" install -q -r requirements.txt
-"$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
+"$VENV/bin/pip" install -q -r requirements.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
+"$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . 2>&1 | { grep -vE "^WARNING: Location|BuildBackendWarning|editable_wheel|with strategy|Editable installation" || true; }
 echo "$want" > "$stamp"
 echo "[setup] done"

@@ -1,0 +1,79 @@
+"""Shared rclpy scaffolding for the thin node shells.
+
+- :func:`declare_config` declares one ROS parameter per field of a component's config dataclass
+  and parses the values back into that dataclass (the one place parameters are parsed).
+- :func:`run_node` is the standard skeleton: ``rclpy.init`` context, a multithreaded executor,
+  clean exit on Ctrl-C / external shutdown, and one-line errors for user mistakes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from collections.abc import Callable
+
+from magma_ros.core.errors import ConfigError
+
+
+def declare_config(node, cls, prefix: str = "", **defaults):
+    """Declare a ROS parameter per dataclass field of ``cls`` and return a filled instance.
+
+    Field types supported: bool, int, float, str, and tuples/lists of float or str.
+    ``defaults`` override the dataclass defaults (e.g. per-robot values).
+    """
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        if f.name in defaults:
+            default = defaults[f.name]
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            raise ConfigError(f"parameter '{prefix}{f.name}' is required")
+        if isinstance(default, tuple):
+            default = list(default)
+        value = node.declare_parameter(prefix + f.name, default).value
+        t = hints.get(f.name)
+        origin = typing.get_origin(t)
+        if origin in (tuple, list) and value is not None:
+            value = tuple(value)
+        elif t is float and isinstance(value, int):
+            value = float(value)
+        values[f.name] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def run_node(make_node: Callable[[], object], args=None, threads: int = 2) -> int:
+    """Run a node built by ``make_node`` until shutdown. Returns the process exit status."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = make_node()
+        executor = MultiThreadedExecutor(num_threads=threads)
+        executor.add_node(node)
+        executor.spin()
+    except ConfigError as e:
+        print(f"[magma_ros] error: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            close = getattr(node, "close", None)
+            if callable(close):
+                close()
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.try_shutdown()
+    return 0
