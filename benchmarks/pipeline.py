@@ -1,0 +1,142 @@
+"""Pipeline latency: image published -> command at the controller topic, without model time.
+
+The graph of ``launch/sim.launch.yaml`` runs in separate processes (MuJoCo sim with rendering off,
+safety, servo, and the policy node with ``policy:=scripted``, so inference costs ~0). This script
+publishes a 640x480 rgb8 image on the policy's image topic (stamped with the sim clock), then waits
+for the first command at the controller topic that differs from the one before the image. Stages
+are timed on the way: image -> ``magma/ee_twist`` (policy node), -> ``magma/joint_command`` (servo),
+-> ``<arm_controller>/joint_trajectory`` (safety; it streams at ``output_rate``, so this stage
+includes waiting for the next output tick). All times are arrival times in this process.
+
+    .venv/bin/python benchmarks/pipeline.py [--robot fr3] [--samples 60] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _results import machine, write_section  # noqa: E402
+
+IMAGE_TOPIC = "bench/image_raw"
+SCRIPT = "0.01,0,0,0,0,0,1; -0.01,0,0,0,0,0,1"  # +-1 cm in x, alternating, gripper open
+
+
+def pct(a, q) -> float:
+    return float(np.percentile(np.asarray(a) * 1e3, q)) if len(a) else float("nan")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--robot", default="fr3")
+    ap.add_argument("--samples", type=int, default=60)
+    ap.add_argument("--period", type=float, default=1.0, help="[s] between images (the arm settles)")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
+    a = ap.parse_args(argv)
+
+    os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 200)))
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
+    from rosgraph_msgs.msg import Clock
+    from sensor_msgs.msg import Image
+    from trajectory_msgs.msg import JointTrajectory
+
+    from magma_ros.demo import GraphProbe
+    from magma_ros.launch_runner import LaunchRunner
+
+    probe = GraphProbe(a.robot, "jtc")
+    n = probe.node
+    clock = {"t": None}
+    joint_cmds: list[float] = []
+    n.create_subscription(Clock, "/clock", lambda m: clock.__setitem__("t", m.clock), 10)
+    n.create_subscription(JointTrajectory, "magma/joint_command",
+                          lambda m: joint_cmds.append(time.monotonic()), 10)
+    pub = n.create_publisher(Image, IMAGE_TOPIC, 2)
+    img = Image(height=480, width=640, encoding="rgb8", step=640 * 3)
+    img.header.frame_id = "camera_color_optical_frame"
+    img.data = np.random.default_rng(0).integers(0, 255, 480 * 640 * 3, dtype=np.uint8).tobytes()
+
+    args = {"robot": a.robot, "policy": "scripted", "scripted_actions": SCRIPT, "scripted_loop": "true",
+            "step_period": "0.2", "image_topic": IMAGE_TOPIC, "camera_fps": "0", "tom_rate": "0.0"}
+    logs = Path(tempfile.mkdtemp(prefix="magma_pipeline_"))
+    runner = LaunchRunner("sim.launch.yaml", args, log_dir=logs, echo=False,
+                          required=("sim", "safety", "servo", "policy"))
+    runner.start()
+    total, policy_s, servo_s, safety_s = [], [], [], []
+    misses = 0
+    try:
+        def up():
+            return clock["t"] is not None and probe.q is not None and probe.limits.count > 0
+
+        if not probe.wait_for(up, 120, alive=runner.running):
+            print(f"graph did not come up (logs: {logs})", file=sys.stderr)
+            return 1
+        for i in range(a.samples + 3):  # the first 3 warm up
+            time.sleep(a.period)
+            with probe.lock:
+                before = probe.commands[-1][1] if probe.commands else None
+                k_cmd = len(probe.commands)
+            k_tw, k_jc = len(probe.twists), len(joint_cmds)
+            img.header.stamp = clock["t"]
+            t0 = time.monotonic()
+            pub.publish(img)
+
+            def changed(k_cmd=k_cmd, before=before):
+                with probe.lock:
+                    for t, q in probe.commands[k_cmd:]:
+                        if before is None or np.max(np.abs(q - before)) > 1e-7:
+                            return t
+                return None
+
+            if not probe.wait_for(lambda: changed() is not None, 5.0, alive=runner.running, step=0.001):
+                misses += 1
+                continue
+            if i < 3:
+                continue
+            t_cmd = changed()
+            total.append(t_cmd - t0)
+            if len(probe.twists) > k_tw and len(joint_cmds) > k_jc:
+                t_tw, t_jc = probe.twists[k_tw], joint_cmds[k_jc]
+                policy_s.append(t_tw - t0)
+                servo_s.append(t_jc - t_tw)
+                safety_s.append(t_cmd - t_jc)
+    finally:
+        runner.stop()
+        probe.close()
+    if not total:
+        print(f"no samples (misses {misses}; logs: {logs})", file=sys.stderr)
+        return 1
+    rows = [("image -> controller command (total)", total),
+            ("image -> magma/ee_twist (policy node)", policy_s),
+            ("ee_twist -> magma/joint_command (servo)", servo_s),
+            ("joint_command -> controller topic (safety, 100 Hz output)", safety_s)]
+    md = [f"Pipeline latency, {a.robot}, scripted policy (no model time), jtc controller, MuJoCo sim with "
+          f"rendering off, all nodes in separate processes over Fast DDS (LARGE_DATA, localhost); "
+          f"{len(total)} images of 640x480 rgb8, {misses} without a command within 5 s.",
+          f"Machine: {machine()}.", "", "| stage | p50 [ms] | p99 [ms] | max [ms] |", "|---|---|---|---|"]
+    for name, v in rows:
+        md.append(f"| {name} | {pct(v, 50):.1f} | {pct(v, 99):.1f} | {pct(v, 100):.1f} |")
+    md.append("")
+    md.append("Run: `.venv/bin/python benchmarks/pipeline.py`.")
+    text = "\n".join(md)
+    print(text)
+    if not a.no_write:
+        write_section("pipeline", "## Pipeline latency (image -> controller command)\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""``magma-ros``: command-line entry point.
+
+Subcommands::
+
+    magma-ros predict --model PATH --image img.png --task "pick up the can" [--stats bridge_orig] [--tom]
+    magma-ros ask --model PATH --image a.png [b.png ...] --question "what is on the table?"
+    magma-ros make-tiny-checkpoint DIR [--seed N] [--size tiny|mid]
+    magma-ros serve --model PATH [--port 8765] [--host 127.0.0.1] [--stats ...]
+    magma-ros launch FILE [arg:=value ...]
+
+``predict`` and ``ask`` print JSON on stdout (logs go to stderr). User mistakes print one line
+``error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from magma_ros.core.errors import ConfigError
+
+PASSTHROUGH = {
+    "make-tiny-checkpoint": ("magma_ros.model.checkpoint", "write a small random-weight Magma checkpoint"),
+    "serve": ("magma_ros.serve.server", "serve a Magma policy over TCP (msgpack)"),
+    "launch": ("magma_ros.launch_runner", "run a ROS 2 launch file (.launch.yaml/.xml) without ros2 launch"),
+}
+
+
+def load_image(path: str) -> np.ndarray:
+    """Image file -> HxWx3 uint8 RGB array; ConfigError when missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"image not found: {p}")
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError(f"cannot read image {p}: {e}") from None
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Magma checkpoint directory or hub id")
+    p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    p.add_argument("--engine", default="auto", help="auto | fast | plain")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="magma-ros", description="Magma on ROS 2: tools around the policy.")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+    pr = sub.add_parser("predict", help="one action (and optionally a ToM plan) for an image and a task")
+    _model_args(pr)
+    pr.add_argument("--image", required=True, help="RGB image file")
+    pr.add_argument("--task", required=True, help="instruction, e.g. 'put the spoon on the towel'")
+    pr.add_argument("--stats", default="bridge_orig", help="bridge_orig | google_robot | stats JSON path")
+    pr.add_argument("--constrained", action="store_true", help="only action tokens at the 7 action positions")
+    pr.add_argument("--tom", action="store_true", help="also predict Trace-of-Mark traces")
+    pr.add_argument("--marks", type=int, default=10, help="number of ToM marks (with --tom)")
+    pr.add_argument("--steps", type=int, default=8, help="ToM future steps (with --tom)")
+    pr.add_argument("--speed", type=int, default=8, help="ToM speed in grid cells per step (with --tom)")
+    pr.add_argument("--max-new-tokens", type=int, default=512, help="ToM answer length cap (with --tom)")
+    pr.add_argument("--overlay", default=None, help="write the ToM overlay PNG here (with --tom)")
+    ak = sub.add_parser("ask", help="answer a question about one or several images")
+    _model_args(ak)
+    ak.add_argument("--image", required=True, nargs="+", help="image file(s), oldest first")
+    ak.add_argument("--question", required=True)
+    ak.add_argument("--max-new-tokens", type=int, default=128)
+    ak.add_argument("--long", action="store_true", help="do not ask for a brief answer")
+    for name, (_, help_) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return ap
+
+
+def _policy(a, stats="bridge_orig", constrained=False):
+    from magma_ros.model.policy import MagmaPolicy
+
+    return MagmaPolicy(a.model, stats=stats, device=a.device, dtype=a.dtype, engine=a.engine,
+                       constrained=constrained)
+
+
+def cmd_predict(a) -> dict:
+    image = load_image(a.image)
+    policy = _policy(a, a.stats, a.constrained)
+    r = policy.infer({"image": image, "instruction": a.task})
+    out = {"action": [float(x) for x in r["action"]], "tokens": [int(t) for t in r["tokens"]],
+           "valid": bool(r["valid"]), "reason": r["reason"], "latency_s": round(float(r["latency_s"]), 4),
+           "step_period": policy.step_period, "stats": policy.stats.name, "engine": policy.engine_name,
+           "convention": "[dx, dy, dz m, droll, dpitch, dyaw rad (sxyz), gripper 0 closed..1 open] per step"}
+    if a.tom:
+        tr = policy.predict_tom(image, a.task, marks=a.marks, speed=a.speed, steps=a.steps,
+                                max_new_tokens=a.max_new_tokens)
+        out["tom"] = tr.to_dict()
+        out["tom"]["text"] = tr.text
+        if a.overlay:
+            from PIL import Image
+
+            from magma_ros.core.som import draw_tom
+
+            ids = sorted(tr.starts)
+            over = draw_tom(image, [tr.starts[k] for k in ids], tr.traces, tr.starts, labels=ids)
+            Image.fromarray(over).save(a.overlay)
+            out["tom"]["overlay"] = str(a.overlay)
+    return out
+
+
+def cmd_ask(a) -> dict:
+    images = [load_image(p) for p in a.image]
+    policy = _policy(a)
+    return {"answer": policy.ask(images, a.question, max_new_tokens=a.max_new_tokens, brief=not a.long)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        try:
+            mod = importlib.import_module(PASSTHROUGH[argv[0]][0])
+        except ImportError as e:
+            print(f"error: '{argv[0]}' is not available ({e})", file=sys.stderr)
+            return 2
+        try:
+            return int(mod.main(argv[1:]) or 0)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    try:
+        out = cmd_predict(a) if a.cmd == "predict" else cmd_ask(a)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

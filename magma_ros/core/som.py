@@ -1,0 +1,125 @@
+"""Set-of-Mark drawing with PIL: numbered marks, ToM traces and labelled boxes (numpy in, numpy out).
+
+Styles follow Magma's code (MAGMA_FACTS §2.6, §3.2): ToM marks are red filled circles with the
+white mark number, sized from the image width; UI marks are red box outlines with 0-based labels
+on a red filled rectangle. Points are image pixels ``(x, y)``, origin top-left. Inputs are
+HxWx3 uint8 RGB arrays; outputs are new arrays (the input is not modified).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+RED = (255, 0, 0)
+WHITE = (255, 255, 255)
+# distinct colours for traces (tab10)
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def _as_image(image) -> Image.Image:
+    a = np.asarray(image)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got shape {a.shape} dtype {a.dtype}")
+    return Image.fromarray(np.ascontiguousarray(a), "RGB")
+
+
+@lru_cache(maxsize=64)
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
+    except (TypeError, OSError, AttributeError):
+        return ImageFont.load_default()
+
+
+@lru_cache(maxsize=64)
+def _font_for(min_text_dim: float, text: str):
+    """Smallest font whose rendering of ``text`` has min(w, h) >= ``min_text_dim`` (Magma's rule)."""
+    for size in range(6, 200):
+        f = _font(size)
+        x0, y0, x1, y1 = f.getbbox(text)
+        if min(x1 - x0, y1 - y0) >= min_text_dim:
+            return f
+    return _font(200)
+
+
+def _text_centered(d: ImageDraw.ImageDraw, x: float, y: float, text: str, font, fill) -> None:
+    x0, y0, x1, y1 = d.textbbox((0, 0), text, font=font)
+    d.text((x - (x0 + x1) / 2, y - (y0 + y1) / 2), text, fill=fill, font=font)
+
+
+def draw_marks(image, points, labels=None, color=RED, text_color=WHITE, scale: float = 0.03) -> np.ndarray:
+    """Red filled circles with white numbers at ``points`` (N, 2) pixel ``(x, y)``; labels 1..N default.
+
+    The font grows until the smaller side of "55" is ``scale * width`` (Magma's ``som_prompting``);
+    the circle diameter is the label's larger side + 2.
+    """
+    img = _as_image(image)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    labels = [str(i + 1) for i in range(len(pts))] if labels is None else [str(x) for x in labels]
+    if len(labels) != len(pts):
+        raise ValueError(f"{len(pts)} points but {len(labels)} labels")
+    font = _font_for(max(3.0, scale * img.width), "55")
+    d = ImageDraw.Draw(img)
+    for (x, y), lab in zip(pts, labels):
+        if not np.isfinite([x, y]).all():
+            continue
+        x0, y0, x1, y1 = d.textbbox((0, 0), lab, font=font)
+        r = (max(x1 - x0, y1 - y0) + 2) / 2
+        d.ellipse([x - r, y - r, x + r, y + r], fill=color)
+        _text_centered(d, x, y, lab, font, text_color)
+    return np.asarray(img)
+
+
+def draw_traces(image, traces, starts=None, width: int = 2, colors=PALETTE) -> np.ndarray:
+    """Polylines for ToM traces: ``traces`` {id: (T, 2)} (or a list), optional ``starts`` {id: (2,)}.
+
+    Each trace starts at its start point when given, gets its own colour and ends in a dot.
+    """
+    img = _as_image(image)
+    d = ImageDraw.Draw(img)
+    items = traces.items() if isinstance(traces, dict) else enumerate(traces)
+    for i, (k, tr) in enumerate(items):
+        pts = np.asarray(tr, dtype=np.float64).reshape(-1, 2)
+        if starts is not None and k in starts:
+            pts = np.vstack([np.asarray(starts[k], dtype=np.float64).reshape(1, 2), pts])
+        pts = pts[np.isfinite(pts).all(axis=1)]
+        if len(pts) == 0:
+            continue
+        c = tuple(colors[i % len(colors)])
+        if len(pts) > 1:
+            d.line([tuple(p) for p in pts], fill=c, width=width, joint="curve")
+        x, y = pts[-1]
+        r = width + 1
+        d.ellipse([x - r, y - r, x + r, y + r], fill=c)
+    return np.asarray(img)
+
+
+def draw_tom(image, marks, traces=None, starts=None, labels=None) -> np.ndarray:
+    """ToM overlay: traces first, then numbered marks on top (marks at ``starts`` when given)."""
+    out = np.asarray(image)
+    if traces:
+        out = draw_traces(out, traces, starts)
+    return draw_marks(out, marks, labels)
+
+
+def draw_boxes_with_marks(image, boxes, labels=None, color=RED, text_color=WHITE) -> np.ndarray:
+    """UI Set-of-Mark: boxes (N, 4) ``[x0, y0, x1, y1]`` pixel, outline width 2, labels 0..N-1 default."""
+    img = _as_image(image)
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    labels = [str(i) for i in range(len(b))] if labels is None else [str(x) for x in labels]
+    if len(labels) != len(b):
+        raise ValueError(f"{len(b)} boxes but {len(labels)} labels")
+    font = _font_for(max(3.0, min(30.0, 0.04 * min(img.width, img.height))), "555")
+    d = ImageDraw.Draw(img)
+    for (x0, y0, x1, y1), lab in zip(b, labels):
+        d.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=color, width=2)
+        tx0, ty0, tx1, ty1 = d.textbbox((0, 0), lab, font=font)
+        w, h = tx1 - tx0 + 4, ty1 - ty0 + 4
+        ax, ay = min(x0, x1), max(0.0, min(y0, y1) - h)
+        d.rectangle([ax, ay, ax + w, ay + h], fill=color)
+        _text_centered(d, ax + w / 2, ay + h / 2, lab, font, text_color)
+    return np.asarray(img)

@@ -1,0 +1,513 @@
+"""``make demo``: the whole graph in MuJoCo, driven by Magma, for a fixed number of steps.
+
+``python -m magma_ros.demo [--robot fr3] [--steps 50] [--model PATH] [--instruction ...] [--out DIR]``
+
+The graph (sim, safety, servo, policy) runs as separate processes through the launch runner with
+``launch/sim.launch.yaml``, exactly as ``magma-ros launch sim.launch.yaml`` would start it. This
+process only watches: it records the camera topic to an mp4, keeps the latest ToM overlay, checks
+every command at the controller topic against the robot's limits and counts safety interventions.
+
+With no weights (``--model`` and ``MAGMA_MODEL`` unset) a small random-weight Magma checkpoint is
+generated locally (cached under ``~/.cache/magma_ros``) and the policy decodes constrained to the
+action tokens: the actions are meaningless, the plumbing is real. The same :class:`GraphProbe`
+serves the system test and the pipeline benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from magma_ros.core.errors import ConfigError, choose
+from magma_ros.core.robot import ROBOTS, RobotConfig, load_robot
+
+CONTROLLERS = ("jtc", "forward", "isaac")
+DEFAULT_INSTRUCTION = "pick up the red block"
+
+
+def cache_dir() -> Path:
+    """Where generated checkpoints are kept (``$MAGMA_ROS_CACHE`` or ``~/.cache/magma_ros``)."""
+    if os.environ.get("MAGMA_ROS_CACHE"):
+        return Path(os.environ["MAGMA_ROS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "magma_ros"
+
+
+def tiny_checkpoint(directory: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """The random-weight checkpoint, written once (atomically) and reused afterwards."""
+    from magma_ros.model.checkpoint import write_tiny_checkpoint
+
+    out = Path(directory) if directory else cache_dir() / f"tiny-random-seed{seed}"
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_tiny_checkpoint(tmp, seed=seed)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def controller_topic(robot: RobotConfig, controller: str) -> str:
+    """Relative topic the safety node publishes arm commands on for ``controller``."""
+    choose(controller, CONTROLLERS, "controller")
+    return {"jtc": f"{robot.arm_controller}/joint_trajectory",
+            "forward": f"{robot.forward_controller}/commands", "isaac": "joint_command"}[controller]
+
+
+@dataclass
+class LimitCheck:
+    """Every command at the controller topic against the robot's position and velocity limits."""
+
+    robot: RobotConfig
+    tolerance: float = 1e-6  # [rad] position slack (float formatting)
+    velocity_slack: float = 1.05  # velocity limit factor (interpolation rounding)
+    count: int = 0
+    violations: list[str] = field(default_factory=list)
+    _last: np.ndarray | None = None
+
+    def check(self, q: np.ndarray, dt: float | None) -> None:
+        """Check one command ``q`` (arm joint order) to be reached ``dt`` seconds after the previous one."""
+        self.count += 1
+        self.check_segment(self._last, q, dt)
+        if q.shape == (self.robot.dof,) and np.all(np.isfinite(q)):
+            self._last = q.copy()
+
+    def check_segment(self, q0: np.ndarray | None, q: np.ndarray, dt: float | None) -> None:
+        """Position limits of ``q``; velocity limits of the move ``q0`` -> ``q`` in ``dt`` seconds."""
+        r = self.robot
+        if q.shape != (r.dof,) or not np.all(np.isfinite(q)):
+            self.violations.append(f"#{self.count}: malformed command {q}")
+            return
+        low = q < r.position_min - self.tolerance
+        high = q > r.position_max + self.tolerance
+        for i in np.flatnonzero(low | high):
+            self.violations.append(f"#{self.count}: {r.arm_joints[i]} = {q[i]:.4f} outside "
+                                   f"[{r.position_min[i]:.4f}, {r.position_max[i]:.4f}]")
+        if q0 is not None and dt is not None:
+            if dt <= 0:
+                self.violations.append(f"#{self.count}: non-increasing time_from_start ({dt:.4f} s)")
+                return
+            v = np.abs(q - q0) / dt
+            for i in np.flatnonzero(v > r.velocity_max * self.velocity_slack + 1e-6):
+                self.violations.append(f"#{self.count}: {r.arm_joints[i]} moves {v[i]:.3f} rad/s over "
+                                       f"{dt:.4f} s (limit {r.velocity_max[i]:.3f})")
+
+
+class GraphProbe:
+    """An rclpy node (own context, background thread) that watches and pokes the running graph."""
+
+    def __init__(self, robot: str, controller: str = "jtc", namespace: str = "", video: Path | None = None,
+                 video_fps: float = 10.0, image_topic: str = "camera/camera/color/image_raw",
+                 output_period: float = 0.01):
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from geometry_msgs.msg import TwistStamped
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import Image, JointState
+        from std_msgs.msg import Empty, Float64MultiArray, String
+        from std_srvs.srv import Trigger
+        from trajectory_msgs.msg import JointTrajectory
+
+        self.robot = load_robot(robot)
+        self.controller = controller
+        self.limits = LimitCheck(self.robot)
+        self.output_period = output_period  # [s] safety output period (1 / output_rate)
+        self.lock = threading.Lock()
+        self.ctx = rclpy.Context()
+        rclpy.init(context=self.ctx)
+        ns = namespace.strip("/")
+        self.node = rclpy.create_node(f"magma_demo_probe_{random.randint(0, 1_000_000)}", context=self.ctx,
+                                      namespace="/" + ns if ns else "/")
+        n = self.node
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        best = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
+        self.q: np.ndarray | None = None  # latest measured arm position
+        self.q_log: list[tuple[float, np.ndarray]] = []  # (wall time, q)
+        self.commands: list[tuple[float, np.ndarray]] = []  # (wall time, q) at the controller topic
+        self.twists: list[float] = []  # wall times of policy actions (magma/ee_twist)
+        self.states: list[str] = []  # safety/state values in arrival order
+        self.sources: list[str] = []
+        self.safety_diag: list[tuple[int, str]] = []  # (level, message) changes of the safety node
+        self.frames = 0  # camera images received
+        self.video_frames = 0  # frames written to the video
+        self.image_callbacks: list = []  # f(msg) per camera image (runs on the executor thread)
+        self._image_msg = self._tom_msg = None
+        self._new_image = threading.Event()
+        self._writer = None
+        if video is not None:
+            import imageio.v2 as imageio
+
+            video.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = imageio.get_writer(str(video), fps=video_fps, codec="libx264", quality=7,
+                                              macro_block_size=8, ffmpeg_log_level="error")
+        def to_q(names, values) -> np.ndarray | None:
+            try:
+                return np.array([values[list(names).index(j)] for j in self.robot.arm_joints], dtype=float)
+            except (ValueError, IndexError):
+                return None
+
+        def on_js(m):
+            q = to_q(m.name, m.position)
+            if q is not None:
+                with self.lock:
+                    self.q = q
+                    self.q_log.append((time.monotonic(), q))
+
+        def on_traj(m):
+            # A new trajectory replaces the previous one at its first point (JTC semantics): the first
+            # point is checked against the previous message's first point over its time_from_start,
+            # later points (e.g. a braking tail) against the point before them.
+            if not m.points:
+                return self._command(np.full(self.robot.dof, np.nan), None)
+            prev_q, prev_t = None, 0.0
+            for j, p in enumerate(m.points):
+                q = to_q(m.joint_names, p.positions)
+                q = np.full(self.robot.dof, np.nan) if q is None else q
+                t = p.time_from_start.sec + p.time_from_start.nanosec * 1e-9
+                if j == 0:
+                    self._command(q, t)
+                else:
+                    with self.lock:
+                        self.limits.check_segment(prev_q, q, t - prev_t)
+                prev_q, prev_t = q, t
+
+        def on_forward(m):
+            self._command(np.asarray(m.data, dtype=float), None)
+
+        def on_isaac(m):
+            q = to_q(m.name, m.position)
+            self._command(np.full(self.robot.dof, np.nan) if q is None else q, None)
+
+        def on_image(m):  # keep the executor light: conversion and encoding run in _encode
+            self.frames += 1
+            self._image_msg = m
+            self._new_image.set()
+            for cb in list(self.image_callbacks):
+                cb(m)
+
+        def on_tom(m):
+            self._tom_msg = m
+
+        def on_diag(m):
+            for s in m.status:
+                if "safety" in s.name.lower():
+                    lvl = int.from_bytes(s.level, "little") if isinstance(s.level, bytes) else int(s.level)
+                    with self.lock:
+                        if not self.safety_diag or self.safety_diag[-1] != (lvl, s.message):
+                            self.safety_diag.append((lvl, s.message))
+
+        n.create_subscription(JointState, self.robot.joint_states_topic, on_js, best)
+        topic = controller_topic(self.robot, controller)
+        msg_type = {"jtc": JointTrajectory, "forward": Float64MultiArray, "isaac": JointState}[controller]
+        cb = {"jtc": on_traj, "forward": on_forward, "isaac": on_isaac}[controller]
+        n.create_subscription(msg_type, topic, cb, 100)
+        n.create_subscription(TwistStamped, "magma/ee_twist", lambda m: self.twists.append(time.monotonic()),
+                              10)
+        n.create_subscription(String, "safety/state", lambda m: self.states.append(m.data), latched)
+        n.create_subscription(String, "safety/source", lambda m: self.sources.append(m.data), latched)
+        n.create_subscription(DiagnosticArray, "diagnostics", on_diag, 50)
+        n.create_subscription(Image, image_topic, on_image, best)
+        n.create_subscription(Image, "magma/tom/image", on_tom, best)
+        self.estop_pub = n.create_publisher(Empty, "safety/estop", latched)
+        self.instruction_pub = n.create_publisher(String, "magma/instruction", latched)
+        self.reset_cli = n.create_client(Trigger, "safety/reset")
+        self.resume_cli = n.create_client(Trigger, "safety/resume_policy")
+        self._Empty, self._String, self._Trigger = Empty, String, Trigger
+        self.executor = SingleThreadedExecutor(context=self.ctx)
+        self.executor.add_node(n)
+        self._thread = threading.Thread(target=self._spin, daemon=True, name="probe-spin")
+        self._thread.start()
+        self._encoder = None
+        if self._writer is not None:
+            self._encoder = threading.Thread(target=self._encode, daemon=True, name="probe-video")
+            self._encoder.start()
+
+    def _encode(self) -> None:
+        from magma_ros.nodes.policy import image_to_rgb
+
+        while self._writer is not None:
+            if not self._new_image.wait(0.2):
+                continue
+            self._new_image.clear()
+            m = self._image_msg
+            try:
+                rgb = image_to_rgb(m)
+            except ValueError:
+                continue
+            w = self._writer
+            if w is not None:
+                w.append_data(rgb)
+                self.video_frames += 1
+
+    @property
+    def tom_image(self) -> np.ndarray | None:
+        """The latest ToM overlay (``magma/tom/image``) as RGB, or None."""
+        from magma_ros.nodes.policy import image_to_rgb
+
+        try:
+            return None if self._tom_msg is None else image_to_rgb(self._tom_msg)
+        except ValueError:
+            return None
+
+    @property
+    def last_image(self) -> np.ndarray | None:
+        """The latest camera image as RGB, or None."""
+        from magma_ros.nodes.policy import image_to_rgb
+
+        return None if self._image_msg is None else image_to_rgb(self._image_msg)
+
+    def _command(self, q: np.ndarray, dt: float | None) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if dt is None:  # forward/isaac carry no period: the safety node's nominal output period
+                dt = self.output_period
+            self.limits.check(q, dt)
+            self.commands.append((now, q))
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            while self.ctx.ok():
+                self.executor.spin_once(timeout_sec=0.05)
+        except (ExternalShutdownException, Exception):  # noqa: BLE001 - shutting down
+            pass
+
+    # -- actions ----------------------------------------------------------------------------------
+    def estop(self) -> None:
+        self.estop_pub.publish(self._Empty())
+
+    def instruct(self, text: str) -> None:
+        self.instruction_pub.publish(self._String(data=text))
+
+    def call(self, which: str, timeout: float = 10.0) -> tuple[bool, str]:
+        """Call ``safety/reset`` or ``safety/resume_policy``; returns (success, message)."""
+        cli = {"reset": self.reset_cli, "resume_policy": self.resume_cli}[which]
+        if not cli.wait_for_service(timeout_sec=timeout):
+            return False, f"service safety/{which} not available"
+        fut = cli.call_async(self._Trigger.Request())
+        end = time.monotonic() + timeout
+        while not fut.done() and time.monotonic() < end:
+            time.sleep(0.02)
+        if not fut.done():
+            return False, f"safety/{which} timed out"
+        r = fut.result()
+        return bool(r.success), r.message
+
+    # -- observations -------------------------------------------------------------------------------
+    def wait_for(self, pred, timeout: float, alive=None, step: float = 0.05) -> bool:
+        """Poll ``pred`` until true or ``timeout`` (or until ``alive()`` turns false)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if pred():
+                return True
+            if alive is not None and not alive():
+                return bool(pred())
+            time.sleep(step)
+        return bool(pred())
+
+    @property
+    def state(self) -> str:
+        """Latest ``safety/state`` ('' before the first one)."""
+        return self.states[-1] if self.states else ""
+
+    def motion(self, since: float, until: float | None = None) -> float:
+        """Largest joint displacement [rad] measured between ``since`` and ``until`` (wall times)."""
+        with self.lock:
+            qs = [q for t, q in self.q_log if t >= since and (until is None or t <= until)]
+        if len(qs) < 2:
+            return 0.0
+        a = np.asarray(qs)
+        return float(np.max(a.max(axis=0) - a.min(axis=0)))
+
+    def interventions(self) -> dict[str, int]:
+        """How often the safety node held or stopped: transitions into each non-ok state."""
+        out: dict[str, int] = {}
+        prev = None
+        for s in self.states:
+            if s != prev and s not in ("ok", "waiting"):
+                key = s.split(":", 1)[0] if not s.startswith("holding") else s
+                out[key] = out.get(key, 0) + 1
+            prev = s
+        return out
+
+    def close(self) -> None:
+        w, self._writer = self._writer, None
+        if self._encoder is not None:
+            self._encoder.join(5)
+        if w is not None:
+            w.close()
+        try:
+            self.executor.shutdown()
+            self.node.destroy_node()
+        finally:
+            import rclpy
+
+            rclpy.try_shutdown(context=self.ctx)
+        self._thread.join(2)
+
+
+def _ros_defaults() -> int | None:
+    """Isolate the demo on this host unless the user chose a ROS domain; returns the domain picked."""
+    os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+    if "ROS_DOMAIN_ID" in os.environ:
+        return None
+    d = random.randint(1, 100)
+    os.environ["ROS_DOMAIN_ID"] = str(d)
+    return d
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns 0 when the requested steps ran and no command broke a limit."""
+    ap = argparse.ArgumentParser(prog="python -m magma_ros.demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--robot", default="fr3", help=f"one of {', '.join(ROBOTS)}")
+    ap.add_argument("--steps", type=int, default=50, help="policy steps (actions) to run")
+    ap.add_argument("--model", default=os.environ.get("MAGMA_MODEL", ""),
+                    help="Magma checkpoint dir or hub id (default: $MAGMA_MODEL, else a random-weight one)")
+    ap.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="language instruction")
+    ap.add_argument("--out", default="demo_out", help="output directory (video, ToM PNG, logs)")
+    ap.add_argument("--controller", default="jtc", help=f"one of {', '.join(CONTROLLERS)}")
+    ap.add_argument("--tom-rate", type=float, default=0.5, help="[Hz] ToM plans (0: off)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="[s] give up after this long")
+    ap.add_argument("--verbose", action="store_true", help="show every node's output")
+    a = ap.parse_args(argv)
+    try:
+        choose(a.robot, ROBOTS, "robot")
+        choose(a.controller, CONTROLLERS, "controller")
+        if a.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {a.steps}")
+        return _run(a)
+    except ConfigError as e:
+        print(f"[magma_ros] error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _run(a) -> int:
+    from magma_ros.launch_runner import LaunchRunner
+
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    domain = _ros_defaults()
+    model = a.model
+    if model:
+        if not Path(model).exists() and "/" not in model:
+            raise ConfigError(f"--model '{model}' is neither a directory nor a hub id (owner/name)")
+        _say(f"model: {model}")
+        constrained = "false"
+    else:
+        _say("no --model / MAGMA_MODEL given: generating a small RANDOM-WEIGHT Magma checkpoint locally.")
+        t0 = time.monotonic()
+        model = str(tiny_checkpoint())
+        _say(f"  -> {model} ({time.monotonic() - t0:.1f} s). Its actions are MEANINGLESS (random weights);")
+        _say("     decoding is constrained to action tokens so the arm moves. This demo shows the plumbing;")
+        _say("     set MAGMA_MODEL=/path/to/Magma-8B (or a hub id) for the real model.")
+        constrained = "true"
+    if domain is not None:
+        _say(f"ROS_DOMAIN_ID={domain} (localhost only); export it to watch with ros2 topic echo")
+    video, tom_png, log_dir = out / "camera.mp4", out / "tom_overlay.png", out / "logs"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    args = {"robot": a.robot, "policy": "local", "model": model, "constrained": constrained,
+            "instruction": a.instruction, "controller": a.controller, "tom_rate": str(a.tom_rate),
+            "use_sim_time": "true"}
+    robot = load_robot(a.robot)
+    probe = GraphProbe(a.robot, a.controller, video=video)
+    runner = LaunchRunner("sim.launch.yaml", args, log_dir=log_dir, echo=a.verbose,
+                          required=("sim", "safety", "servo", "policy"))
+    _say(f"starting sim, safety, servo, policy ({a.robot}, controller {a.controller}); logs in {log_dir}")
+    t_start = time.monotonic()
+    runner.start()
+    ok = False
+    try:
+        alive = runner.running
+        if not probe.wait_for(lambda: probe.twists, a.timeout, alive=alive):
+            _say("no policy action arrived" + ("" if alive() else ": a node exited"))
+            return _fail(runner)
+        t_first = probe.twists[0]
+        _say(f"first action after {t_first - t_start:.1f} s (model load + first inference); "
+             f"instruction: '{a.instruction}'")
+        n0 = len(probe.twists)
+        last_report = time.monotonic()
+        while len(probe.twists) < a.steps:
+            if not alive():
+                _say("a node exited before the demo finished")
+                return _fail(runner)
+            if time.monotonic() - t_start > a.timeout:
+                _say(f"timeout after {a.timeout:.0f} s with {len(probe.twists)} steps")
+                return _fail(runner)
+            if time.monotonic() - last_report > 5.0:
+                _say(f"  step {len(probe.twists)}/{a.steps}")
+                last_report = time.monotonic()
+            time.sleep(0.05)
+        t_end = probe.twists[a.steps - 1]
+        ok = True
+    finally:
+        runner.stop()
+        probe.close()
+    steps = a.steps
+    rate = (steps - n0) / (t_end - t_first) if t_end > t_first and steps > n0 else float("nan")
+    if probe.tom_image is not None:
+        import imageio.v2 as imageio
+
+        imageio.imwrite(tom_png, probe.tom_image)
+    moved = probe.motion(t_first)
+    iv = probe.interventions()
+    lines = [
+        "",
+        "==================== magma_ros demo summary ====================",
+        f"robot            {robot.name} in MuJoCo, controller {a.controller}",
+        f"model            {model}" + ("  (RANDOM WEIGHTS: meaningless actions)" if constrained == "true"
+                                           else ""),
+        f"steps            {steps} policy actions (magma/ee_twist)",
+        f"control rate     {rate:.2f} Hz achieved (policy step period 0.2 s = 5 Hz target)",
+        f"controller cmds  {probe.limits.count} at /{controller_topic(robot, a.controller)}, "
+        f"{len(probe.limits.violations)} outside limits",
+        f"arm motion       {moved:.3f} rad largest joint excursion",
+        "safety           " + (", ".join(f"{k} x{v}" for k, v in iv.items()) or "no interventions")
+        + f"; final state '{probe.state or '?'}'",
+        f"video            {video} ({probe.video_frames} of {probe.frames} camera frames)",
+        f"ToM overlay      {tom_png if probe.tom_image is not None else 'none received (tom_rate 0?)'}",
+        f"logs             {log_dir}",
+        "================================================================",
+    ]
+    print("\n".join(lines), flush=True)
+    for v in probe.limits.violations[:5]:
+        _say(f"LIMIT VIOLATION {v}")
+    return 0 if ok and not probe.limits.violations else 1
+
+
+def _fail(runner) -> int:
+    for label in runner.processes:
+        tail = runner.log_text(label).strip().splitlines()[-6:]
+        rc = runner.processes[label].poll()
+        _say(f"--- {label} (exit code {rc}) ---")
+        for line in tail:
+            print(f"    {line}")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

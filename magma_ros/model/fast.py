@@ -1,0 +1,523 @@
+"""Fast Magma generation: a static KV cache and plain ``prefill`` / ``decode_one_token`` functions.
+
+The structure follows gpt-fast (``generate.py``): the language model's weights are read straight
+out of transformers' ``LlamaForCausalLM`` and run by the small functions below (own RMSNorm, RoPE,
+GQA attention through ``F.scaled_dot_product_attention``), over a KV cache that is allocated once.
+One Magma policy step is
+
+    preprocess → vision tower + projector → merged embeddings        (``model.prepare_inputs_embeds``)
+    prefill(rest of the prompt)        one pass over ~300 positions  (the constant prefix is cached)
+    decode_one_token × (n − 1)         greedy argmax on the device   (no host sync until the end)
+
+Faithful by default: greedy, stops a row at EOS and pads it afterwards exactly as transformers'
+``generate`` does, so the tokens equal ``MagmaModel.generate_plain`` (checked on the fixture in
+``test/model/test_fast.py``). ``allowed_token_ids`` restricts the argmax (constrained mode).
+
+Cache layout (slots of the static cache, per batch row)::
+
+    [0, P)          the constant prompt prefix (system prompt + user header up to the first <image>),
+                    positions 0..P-1, computed once per distinct prefix and copied in
+    [P, P+T)        the rest of the prompt, left-padded (pad slots masked out), positions P..
+    [P+T, P+T+n)    generated tokens
+
+Attention is order-invariant over keys once masks and RoPE (applied before caching) are right, so
+moving the left padding behind the shared prefix changes nothing but lets every row share it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FastGenerator", "decode_one_token", "merge_one_image_per_row", "prefill"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: a flat view of the Llama decoder that the plain functions below read.
+# ----------------------------------------------------------------------------------------------
+
+def _w(linear: nn.Module):
+    """A linear layer as the engine calls it: its weight tensor when it is a plain bias-free Linear
+    (``F.linear``), else the module itself (quantized layers keep their own forward)."""
+    if type(linear) is nn.Linear and linear.bias is None:
+        return linear.weight
+    return linear
+
+
+def linear(x: Tensor, w) -> Tensor:
+    return F.linear(x, w) if isinstance(w, Tensor) else w(x)
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's weights (shapes for Magma-8B: H=4096, nh=32, kvh=8, D=128, I=14336)."""
+
+    ln1: Tensor  # (H,) input RMSNorm
+    q: object  # (nh*D, H)
+    k: object  # (kvh*D, H)
+    v: object  # (kvh*D, H)
+    o: object  # (H, nh*D)
+    ln2: Tensor  # (H,) post-attention RMSNorm
+    gate: object  # (I, H)
+    up: object  # (I, H)
+    down: object  # (H, I)
+
+
+class Engine(nn.Module):
+    """The language model's weights plus the static KV cache and RoPE tables (all device-resident).
+
+    Caches are registered buffers (and marked static) so ``torch.compile(mode="reduce-overhead")``
+    can capture ``decode_one_token`` in a CUDA graph while it writes into them.
+    """
+
+    def __init__(self, lm: nn.Module, max_batch: int, max_seq_len: int):
+        super().__init__()
+        cfg = lm.config
+        dec = lm.model
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.scaling = self.head_dim**-0.5
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"FastGenerator supports Llama's silu MLP, not hidden_act={cfg.hidden_act!r}")
+        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+            raise ValueError("FastGenerator supports bias-free Llama layers only")
+        self.embed = dec.embed_tokens.weight  # (V, H)
+        self.norm = dec.norm.weight  # (H,)
+        self.lm_head = _w(lm.lm_head)  # (V, H)
+        self.layers = [
+            LayerWeights(
+                ln1=layer.input_layernorm.weight, q=_w(layer.self_attn.q_proj), k=_w(layer.self_attn.k_proj),
+                v=_w(layer.self_attn.v_proj), o=_w(layer.self_attn.o_proj),
+                ln2=layer.post_attention_layernorm.weight, gate=_w(layer.mlp.gate_proj),
+                up=_w(layer.mlp.up_proj), down=_w(layer.mlp.down_proj))
+            for layer in dec.layers
+        ]
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        # RoPE exactly as transformers computes it (its inv_freq already holds llama3 / linear / ...
+        # scaling from config.rope_parameters): cos/sin = cat(f, f) * attention_scaling, f = pos * inv_freq.
+        rot = dec.rotary_emb
+        self.inv_freq = rot.inv_freq.detach().float().to(self.device)  # (D/2,)
+        self.attention_scaling = float(rot.attention_scaling)
+        self.max_batch = 0
+        self.max_seq_len = 0
+        self.allocate(max_batch, max_seq_len)
+
+    def parameters_and_caches(self) -> list[Tensor]:
+        """Every plain tensor the step functions read (quantized modules excluded)."""
+        ts = [self.embed, self.norm, self.lm_head, self.k_cache, self.v_cache, self.valid, self.cos, self.sin]
+        for lw in self.layers:
+            ts += [getattr(lw, f) for f in ("ln1", "q", "k", "v", "o", "ln2", "gate", "up", "down")]
+        return [t for t in ts if type(t) in (Tensor, nn.Parameter)]
+
+    def allocate(self, max_batch: int, max_seq_len: int) -> None:
+        """(Re)allocate the KV cache for ``max_batch`` rows × ``max_seq_len`` slots and the RoPE table."""
+        shape = (self.n_layers, max_batch, self.n_kv, max_seq_len, self.head_dim)
+        kw = dict(dtype=self.dtype, device=self.device)
+        self.register_buffer("k_cache", torch.zeros(shape, **kw), persistent=False)  # (Lyr, B, kvh, S, D)
+        self.register_buffer("v_cache", torch.zeros(shape, **kw), persistent=False)
+        self.register_buffer("valid", torch.zeros(max_batch, max_seq_len, dtype=torch.bool, device=self.device))
+        pos = torch.arange(max_seq_len, device=self.device)
+        freqs = pos[:, None].float() * self.inv_freq  # (S, D/2) float32, as transformers
+        emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
+        self.register_buffer("cos", (emb.cos() * self.attention_scaling).to(self.dtype), persistent=False)
+        self.register_buffer("sin", (emb.sin() * self.attention_scaling).to(self.dtype), persistent=False)
+        if hasattr(torch, "_dynamo"):
+            for t in (self.k_cache, self.v_cache, self.valid):
+                torch._dynamo.mark_static_address(t)
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+
+
+# ----------------------------------------------------------------------------------------------
+# The model, as plain functions.
+# ----------------------------------------------------------------------------------------------
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    # x: (..., H) — computed in float32 and cast back before the weight, as LlamaRMSNorm
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: (B, heads, T, D); cos, sin: (B, T, D) → broadcast over heads
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def layer_forward(e: Engine, i: int, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, kv_len: int,
+                  mask: Tensor | None, B: int) -> Tensor:
+    # x: (B, T, H); cos/sin: (B, T, D); slots: (T,) cache slots written; mask: (B, 1, T, kv_len) bool or None
+    lw = e.layers[i]
+    T = x.shape[1]
+    h = rms_norm(x, lw.ln1, e.eps)
+    q = linear(h, lw.q).view(B, T, e.n_heads, e.head_dim).transpose(1, 2)  # (B, nh, T, D)
+    k = linear(h, lw.k).view(B, T, e.n_kv, e.head_dim).transpose(1, 2)  # (B, kvh, T, D)
+    v = linear(h, lw.v).view(B, T, e.n_kv, e.head_dim).transpose(1, 2)  # (B, kvh, T, D)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache, v_cache = e.k_cache[i, :B], e.v_cache[i, :B]  # (B, kvh, S, D) views
+    k_cache.index_copy_(2, slots, k)
+    v_cache.index_copy_(2, slots, v)
+    a = F.scaled_dot_product_attention(  # (B, nh, T, D)
+        q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask, scale=e.scaling,
+        enable_gqa=e.n_heads != e.n_kv)
+    x = x + linear(a.transpose(1, 2).reshape(B, T, e.n_heads * e.head_dim), lw.o)
+    h = rms_norm(x, lw.ln2, e.eps)
+    return x + linear(F.silu(linear(h, lw.gate)) * linear(h, lw.up), lw.down)
+
+
+def forward_tokens(e: Engine, x: Tensor, pos: Tensor, slots: Tensor, kv_len: int, mask: Tensor | None) -> Tensor:
+    # x: (B, T, H) input embeddings; pos: (B, T) RoPE positions → logits of the LAST position (B, V) float32
+    B = x.shape[0]
+    cos, sin = e.cos[pos], e.sin[pos]  # (B, T, D)
+    for i in range(e.n_layers):
+        x = layer_forward(e, i, x, cos, sin, slots, kv_len, mask, B)
+    h = rms_norm(x[:, -1], e.norm, e.eps)  # (B, H)
+    return linear(h, e.lm_head).float()  # (B, V)
+
+
+def prefill(e: Engine, embeds: Tensor, pos: Tensor, start: int, mask: Tensor | None) -> Tensor:
+    """Run the prompt through the model, filling cache slots ``[start, start+T)``.
+
+    embeds: (B, T, H); pos: (B, T) positions; mask: (B, 1, T, start+T) bool (None = plain causal,
+    only valid when start == 0 and no row is padded). Returns last-position logits (B, V) float32.
+    """
+    T = embeds.shape[1]
+    slots = torch.arange(start, start + T, device=embeds.device)  # (T,)
+    if mask is None:
+        # no padding and no prefix: causal over [0, T) — built explicitly (sdpa is_causal would
+        # also work, but an explicit mask keeps one code path for every case)
+        mask = torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()[None, None]
+    return forward_tokens(e, embeds, pos, slots, start + T, mask)
+
+
+def decode_one_token(e: Engine, tok: Tensor, pos: Tensor, slot: Tensor, kv_len: int,
+                     mask: Tensor | None) -> Tensor:
+    """One greedy step's forward: tok (B,) at positions pos (B,), written to cache slot ``slot`` (1,).
+
+    mask: (B, 1, 1, kv_len) bool over cache slots (None: every slot < kv_len is valid).
+    Returns logits (B, V) float32.
+    """
+    x = F.embedding(tok[:, None], e.embed)  # (B, 1, H)
+    return forward_tokens(e, x, pos[:, None], slot, kv_len, mask)
+
+
+def pick(logits: Tensor, bias: Tensor | None, finished: Tensor, eos: Tensor, pad: int) -> Tensor:
+    # logits: (B, V) float32; bias: (V,) 0 / -inf or None; finished: (B,) bool, updated in place
+    if bias is not None:
+        logits = logits + bias
+    tok = logits.argmax(-1)  # (B,)
+    tok = torch.where(finished, torch.full_like(tok, pad), tok)  # rows past EOS emit pad, as generate
+    finished |= torch.isin(tok, eos)
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# The multimodal merge, vectorized for the policy case (one image per row).
+# ----------------------------------------------------------------------------------------------
+
+def merge_one_image_per_row(model: nn.Module, vision, input_ids: Tensor, attention_mask: Tensor,
+                            pixel_values: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``MagmaModel.prepare_inputs_embeds`` for rows that each hold exactly one ``<image>``.
+
+    Same result (bit for bit in eager mode: same ops on the same values), but the vision tower is
+    ``vision`` (e.g. a compiled one), the per-row Python merge becomes one gather, and the only
+    host reads are of the small id/mask/size tensors. Returns None when the inputs are not that
+    case (several or no images, right padding, "global" anyres), and the caller falls back.
+
+    input_ids, attention_mask: (B, T); pixel_values: (B, max_crops, 3, S, S); image_sizes: (B, 1, 2).
+    Returns embeds (B, L, H), mask (B, L) long, position_ids (B, L) long, right-aligned.
+    """
+    cfg = model.config
+    if getattr(cfg, "anyres_strategy", "crop") != "crop" or pixel_values is None or pixel_values.dim() != 5:
+        return None
+    img = cfg.image_token_index
+    ids_h, m_h = input_ids.cpu(), attention_mask.cpu().bool()  # host copies (small)
+    sizes = torch.as_tensor(image_sizes).cpu().reshape(ids_h.shape[0], -1, 2)
+    B, T = ids_h.shape
+    if sizes.shape[1] != 1 or not bool(m_h[:, -1].all()) or pixel_values.shape[0] != B:
+        return None
+    is_img = (ids_h == img) & m_h
+    if not bool((is_img.sum(1) == 1).all()):
+        return None
+    grids = [(int(r), int(c)) for r, c in sizes[:, 0].tolist()]
+    if any(r * c == 0 or r * c > pixel_values.shape[1] for r, c in grids):
+        return None
+    dev = model.language_model.get_input_embeddings().weight.device
+    # vision: all crops of the batch at once, as the official code
+    ncrop = [r * c for r, c in grids]
+    if len(set(ncrop)) == 1:
+        crops = pixel_values[:, : ncrop[0]].flatten(0, 1)  # (B*n, 3, S, S)
+    else:
+        crops = torch.cat([pixel_values[b, :n] for b, n in enumerate(ncrop)], 0)
+    if crops.is_cuda:
+        crops = crops.contiguous(memory_format=torch.channels_last)  # NHWC convolutions
+    x = vision(crops).permute(0, 2, 3, 1)  # (N, h, w, C)
+    x = model.multi_modal_projector(x)  # (N, h, w, H)
+    h, w, H = x.shape[1:]
+    text = model.language_model.get_input_embeddings()(input_ids.to(dev).masked_fill(input_ids.to(dev) == img, 0))
+    sep = model.multi_modal_projector.row_seperator  # (1, 1, H)
+    feats, k = [], 0
+    for r, c in grids:  # (r*h, c*w, H) → with the row separator (r*h*(c*w+1), H)
+        f = x[k:k + r * c].view(r, c, h, w, H).permute(0, 2, 1, 3, 4).flatten(2, 3).flatten(0, 1)
+        if cfg.mm_use_row_seperator:
+            f = torch.cat((f, sep.repeat(f.shape[0], 1, 1).to(f.dtype)), dim=1)
+        feats.append(f.flatten(0, 1).to(text.dtype))
+        k += r * c
+    nf = [f.shape[0] for f in feats]
+    F_max = max(nf)
+    if len(set(nf)) == 1:
+        feat = torch.stack(feats)  # (B, F, H)
+    else:
+        feat = text.new_zeros(B, F_max, H)
+        for b, f in enumerate(feats):
+            feat[b, : f.shape[0]] = f
+    # gather index into cat(text, feat) per row: valid text before <image>, the image, text after
+    rows = []
+    for b in range(B):
+        valid = m_h[b].nonzero().flatten()
+        at = int(is_img[b].nonzero()[0])
+        rows.append(torch.cat((valid[valid < at], T + torch.arange(nf[b]), valid[valid > at])))
+    L = max(len(r) for r in rows)
+    src = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        src[b, L - len(r):] = r
+        mask[b, L - len(r):] = 1
+    src, mask = src.to(dev), mask.to(dev)
+    both = torch.cat((text, feat), 1)  # (B, T+F, H)
+    embeds = both.gather(1, src[..., None].expand(-1, -1, H))  # (B, L, H)
+    embeds = torch.where(mask[..., None].bool(), embeds, torch.zeros((), dtype=embeds.dtype, device=dev))
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return embeds, mask, pos
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator.
+# ----------------------------------------------------------------------------------------------
+
+class FastGenerator:
+    """Greedy Magma generation over a static KV cache (the fast path behind ``MagmaPolicy``).
+
+    ``model`` is a ``MagmaModel`` (or anything with ``language_model`` = ``LlamaForCausalLM`` and
+    ``prepare_inputs_embeds``). ``dtype`` casts the whole model in place (bf16 on GPU: vision tower
+    too, in channels_last); ``quant`` ("int8" / "int4") quantizes the language model's linear layers
+    in place (``magma_ros.model.quant``), so the plain path on the same model uses the same weights.
+    ``compile``: None (eager, the CPU default), "default", or "reduce-overhead" (CUDA graphs for
+    the decode step); ``compile_vision`` (default: on when ``compile`` is set) compiles the vision
+    tower for this path only. ``reuse_prefix`` caches the KV of the tokens before the first
+    ``<image>``. ``fast_merge`` merges one-image-per-row batches with one gather
+    (:func:`merge_one_image_per_row`) instead of the model's per-row loop. The KV cache holds
+    ``max_batch`` × ``max_seq_len`` slots and grows when a call needs more.
+    """
+
+    def __init__(self, model: nn.Module, *, max_seq_len: int = 1024, max_batch: int = 1,
+                 compile: str | None = None, dtype: torch.dtype | None = None, quant: str | None = None,
+                 reuse_prefix: bool = True, prefix_cache_size: int = 4, compile_vision: bool | None = None,
+                 fast_merge: bool = True):
+        self.model = model
+        self.fast_merge = fast_merge
+        if dtype is not None:
+            model.to(dtype)
+        lm = model.language_model
+        self.device = lm.model.embed_tokens.weight.device
+        if self.device.type == "cuda" and getattr(model, "vision_tower", None) is not None:
+            model.vision_tower.to(memory_format=torch.channels_last)
+        self.quant_backend = None
+        if quant is not None:
+            from magma_ros.model.quant import quantize_language_model
+
+            self.quant_backend = quantize_language_model(lm, quant)
+        model.eval()
+        self.engine = Engine(lm, max_batch, max_seq_len)
+        # the ids generate_plain passes to transformers' generate (config first, then generation_config)
+        cfg = getattr(model, "config", None)
+        gen = getattr(lm, "generation_config", None)
+        eos = getattr(cfg, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(gen, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = torch.tensor(eos, dtype=torch.long, device=self.device)
+        pad = getattr(cfg, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(gen, "pad_token_id", None)
+        self.pad = int(pad if pad is not None else (eos[0] if eos else 0))
+        self.image_token_id = getattr(cfg, "image_token_index", None) or getattr(cfg, "image_token_id", None)
+        self.reuse_prefix = bool(reuse_prefix and self.image_token_id is not None)
+        self._prefix_cache: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+        self._prefix_cache_size = prefix_cache_size
+        self.compile = compile
+        vt = getattr(model, "vision_tower", None)
+        self._vision = vt
+        if vt is not None and (compile_vision if compile_vision is not None else bool(compile)):
+            self._vision = torch.compile(vt, mode="max-autotune-no-cudagraphs" if self.device.type == "cuda"
+                                         else None)
+        self._decode = decode_one_token
+        if compile:
+            # weights and caches keep their addresses: CUDA graphs may read them in place
+            for t in self.engine.parameters_and_caches():
+                torch._dynamo.mark_static_address(t)
+            self._decode = torch.compile(decode_one_token, mode=compile, fullgraph=True)
+
+    # -- prompt prefix -------------------------------------------------------------------------
+    def _prefix_ids(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[int, ...]:
+        """The token ids before the first ``<image>``, when identical in every row (else ())."""
+        if not self.reuse_prefix:
+            return ()
+        ids, m = input_ids.cpu(), attention_mask.cpu().bool()  # host-side, before the loop
+        prefix = None
+        for r in range(ids.shape[0]):
+            row = ids[r][m[r]]
+            hit = (row == self.image_token_id).nonzero()
+            if len(hit) == 0:
+                return ()
+            p = tuple(row[: int(hit[0])].tolist())
+            if prefix is not None and p != prefix:
+                return ()
+            prefix = p
+        return prefix or ()
+
+    def _prefix_kv(self, key: tuple, embeds: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """KV of the prefix (Lyr, kvh, P, D), computed once per distinct prefix (small LRU)."""
+        hit = self._prefix_cache.get(key)
+        if hit is not None:
+            self._prefix_cache.move_to_end(key)
+            return hit
+        e, P = self.engine, len(key)
+        prefill(e, embeds, pos, 0, None)  # (1, P, H) into row 0, slots [0, P)
+        kv = (e.k_cache[:, 0, :, :P].clone(), e.v_cache[:, 0, :, :P].clone())
+        self._prefix_cache[key] = kv
+        if len(self._prefix_cache) > self._prefix_cache_size:
+            self._prefix_cache.popitem(last=False)
+        return kv
+
+    # -- generation ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
+                 image_sizes: Tensor | None = None, max_new_tokens: int = 7,
+                 allowed_token_ids: Sequence[int] | Sequence[Sequence[int] | None] | Tensor | None = None,
+                 ) -> Tensor:
+        """Greedy tokens (B, n), n ≤ max_new_tokens (shorter only when every row hit EOS, as ``generate``).
+
+        ``allowed_token_ids``: ids the argmax may pick at every step, or one entry per step
+        (None = unconstrained at that step), e.g. the 256 action ids for the 7 action positions.
+        """
+        e = self.engine
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        B = input_ids.shape[0]
+        key = self._prefix_ids(input_ids, attention_mask)
+        P = len(key)
+        if pixel_values is not None:
+            vt = getattr(self.model, "vision_tower", None)
+            vdtype = next(vt.parameters()).dtype if vt is not None else e.dtype
+            pixel_values = pixel_values.to(self.device, vdtype)
+        if image_sizes is not None:
+            image_sizes = image_sizes.to(self.device)
+        # merged multimodal sequence, right-aligned: (B, L, H), (B, L), (B, L)
+        merged = None
+        if self.fast_merge and pixel_values is not None and self._vision is not None:
+            merged = merge_one_image_per_row(self.model, self._vision, input_ids, attention_mask,
+                                             pixel_values, image_sizes)
+        if merged is None:
+            merged = self.model.prepare_inputs_embeds(
+                input_ids.to(self.device), attention_mask.to(self.device), pixel_values, image_sizes)
+        embeds, mask, pos = merged
+        embeds = embeds.to(e.dtype)
+        mask = mask.bool()
+        L = embeds.shape[1]
+        # host-side facts about the merged sequence, read once before the loop (rows can be padded
+        # even with an all-ones input mask when their images give different token counts)
+        padded = not bool(mask.all())
+        if padded and not bool(mask[:, -1].all()):  # right padding → left padding (stable: order kept)
+            order = torch.argsort(mask.int(), dim=1, stable=True)  # (B, L) pads first
+            embeds = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
+            mask = mask.gather(1, order)
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
+        T = L - P
+        need = L + max_new_tokens
+        if B > e.max_batch or need > e.max_seq_len:
+            e.allocate(max(B, e.max_batch), max(need, e.max_seq_len))
+
+        if P:
+            # the prefix is the first P valid positions of every row: take it from row 0's embeddings
+            npad0 = L - int(mask[0].sum()) if padded else 0
+            k_pre, v_pre = self._prefix_kv(key, embeds[:1, npad0:npad0 + P], pos[:1, npad0:npad0 + P])
+            e.k_cache[:, :B, :, :P] = k_pre[:, None]  # (Lyr, B, kvh, P, D)
+            e.v_cache[:, :B, :, :P] = v_pre[:, None]
+            # drop each row's prefix: row r = [pad × npad_r, prefix, rest] → [pad × npad_r, rest]
+            npad = L - mask.sum(1)  # (B,)
+            j = torch.arange(T, device=self.device)
+            src = j + P * (j >= npad[:, None])  # (B, T)
+            embeds = embeds.gather(1, src[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, T, H)
+            mask, pos = mask.gather(1, src), pos.gather(1, src)  # (B, T)
+        pos = pos.clamp(min=0)
+
+        valid = e.valid[:B]  # (B, S)
+        valid.zero_()
+        valid[:, :P] = True
+        valid[:, P:L] = mask
+        if P or padded:
+            q = torch.arange(T, device=self.device)[:, None]
+            s = torch.arange(L, device=self.device)[None, :]
+            # causal over slots, valid keys only; a pad query sees itself (its output is unused)
+            pmask = ((s <= q + P) & valid[:, None, :L]) | (s == q + P)  # (B, T, L)
+            logits = prefill(e, embeds, pos, P, pmask[:, None])
+        else:
+            logits = prefill(e, embeds, pos, 0, None)
+
+        bias = self._bias(allowed_token_ids, max_new_tokens, logits.shape[-1])
+        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        tok = pick(logits, None if bias is None else bias[0], finished, self.eos, self.pad)
+        out[:, 0] = tok
+        cur_pos = pos[:, -1]  # (B,) last prompt position
+        for t in range(1, max_new_tokens):
+            slot = L + t - 1
+            cur_pos = cur_pos + 1
+            valid[:, slot] = True
+            slot_t = torch.tensor([slot], device=self.device)
+            if self.compile:  # static shapes for the compiled / CUDA-graph step
+                kv_len, dmask = e.max_seq_len, e.valid[:B, None, None, :]
+            else:
+                kv_len = slot + 1
+                dmask = valid[:, None, None, :kv_len] if (P or padded) else None
+            logits = self._decode(e, tok, cur_pos, slot_t, kv_len, dmask)
+            tok = pick(logits, None if bias is None else bias[t], finished, self.eos, self.pad)
+            out[:, t] = tok
+        # the one host sync: trim the steps after every row had finished (generate stops there)
+        done = torch.isin(out, self.eos).cumsum(1).clamp(max=1).bool().all(0)  # (n,) all rows finished by t
+        n = int(done.int().argmax()) + 1 if bool(done.any()) else max_new_tokens
+        return out[:, :n]
+
+    def _bias(self, allowed, n: int, V: int) -> Tensor | None:
+        # → (n, V) float32 additive bias (0 allowed / -inf not) or None
+        if allowed is None:
+            return None
+        if isinstance(allowed, Tensor):
+            allowed = allowed.tolist()
+        per_step = len(allowed) > 0 and not isinstance(allowed[0], int)
+        steps = list(allowed) if per_step else [allowed] * n
+        steps = (steps + [None] * n)[:n]
+        bias = torch.zeros(n, V, dtype=torch.float32, device=self.device)
+        for t, ids in enumerate(steps):
+            if ids is None:
+                continue
+            ids = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)
+            if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= V:
+                raise ValueError(f"allowed_token_ids at step {t} must be non-empty ids in [0, {V})")
+            bias[t].fill_(float("-inf"))
+            bias[t, ids] = 0.0
+        return bias

@@ -1,0 +1,274 @@
+"""Safety-limit node: a thin rclpy shell around :class:`magma_ros.core.safety.SafetyFilter`.
+
+    python -m magma_ros.nodes.safety --ros-args -p robot:=fr3 -p controller:=jtc
+
+In:  ``magma/joint_command``, ``teleop/joint_command`` (JointTrajectory), joint states on the robot's
+     ``joint_states_topic`` (remappable), ``safety/estop`` (Empty, reliable + transient local),
+     services ``safety/reset`` and ``safety/resume_policy`` (Trigger).
+Out: jtc ``<arm_controller>/joint_trajectory`` | forward ``<forward_controller>/commands`` | isaac
+     ``joint_command``; gripper ``<gripper_controller>/joint_trajectory`` or franka_gripper actions;
+     ``diagnostics``, latched ``safety/state`` and ``safety/source``.
+All names are relative (one namespace per arm); all times come from the node clock (use_sim_time).
+See docs/safety.md.
+"""
+
+from __future__ import annotations
+
+from builtin_interfaces.msg import Duration
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Empty, Float64MultiArray, String
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from magma_ros.core.errors import ConfigError
+from magma_ros.core.robot import load_robot
+from magma_ros.core.safety import SafetyConfig, SafetyFilter
+from magma_ros.nodes._common import declare_config, run_node
+
+LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                     durability=DurabilityPolicy.TRANSIENT_LOCAL)
+COMMANDS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+
+
+def _duration(seconds: float) -> Duration:
+    ns = int(round(seconds * 1e9))
+    return Duration(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+def _seconds(stamp) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+class SafetyNode(Node):
+    """ROS wiring of the safety filter; every decision is made by the core."""
+
+    def __init__(self):
+        super().__init__("safety")
+        self.cfg = declare_config(self, SafetyConfig)
+        self.declare_parameter("franka_gripper_ns", "franka_gripper")  # UNVERIFIED name; see docs
+        self.declare_parameter("franka_grasp_force", 20.0)  # [N] franka_gripper grasp force
+        self.robot = load_robot(self.cfg.robot)
+        self.filter = SafetyFilter(self.robot, self.cfg)
+        r, dt = self.robot, self.filter.dt
+        self.dt = dt
+        self._period = _duration(dt)
+        group = MutuallyExclusiveCallbackGroup()  # the core is not thread-safe: one callback at a time
+
+        # outputs
+        self.controller = self.cfg.controller
+        gmode = self.cfg.gripper_output
+        if gmode == "auto":
+            gmode = "joint_command" if self.controller == "isaac" else "jtc"
+        self.gripper_mode = gmode
+        if self.controller == "jtc":
+            self.pub_arm = self.create_publisher(JointTrajectory, f"{r.arm_controller}/joint_trajectory", 10)
+        elif self.controller == "forward":
+            self.pub_arm = self.create_publisher(Float64MultiArray, f"{r.forward_controller}/commands", 10)
+        else:
+            self.pub_arm = self.create_publisher(JointState, "joint_command", 10)
+        self.pub_gripper = None
+        if gmode == "jtc":
+            topic = f"{r.gripper_controller}/joint_trajectory"
+            self.pub_gripper = self.create_publisher(JointTrajectory, topic, 10)
+        elif gmode == "franka":
+            self._setup_franka_gripper(group)
+        self.pub_state = self.create_publisher(String, "safety/state", LATCHED)
+        self.pub_source = self.create_publisher(String, "safety/source", LATCHED)
+        self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", 10)
+
+        # inputs
+        self.create_subscription(JointTrajectory, "magma/joint_command",
+                                 lambda m: self._on_command("policy", m), COMMANDS, callback_group=group)
+        self.create_subscription(JointTrajectory, "teleop/joint_command",
+                                 lambda m: self._on_command("teleop", m), COMMANDS, callback_group=group)
+        self.create_subscription(JointState, r.joint_states_topic, self._on_joint_state,
+                                 qos_profile_sensor_data, callback_group=group)
+        self.create_subscription(Empty, "safety/estop", self._on_estop, LATCHED, callback_group=group)
+        self.create_service(Trigger, "safety/reset", self._on_reset, callback_group=group)
+        self.create_service(Trigger, "safety/resume_policy", self._on_resume, callback_group=group)
+        self.create_timer(dt, self._tick, callback_group=group)  # node clock: honours use_sim_time
+        self.create_timer(1.0, lambda: self._publish_status(force=True), callback_group=group)
+
+        self._last_status = None
+        self._last_rejection = ""
+        self._rejections = 0
+        self._publish_status(force=True)
+        self.get_logger().info(
+            f"safety: robot={r.name} controller={self.controller} gripper={gmode} "
+            f"rate={self.cfg.output_rate:g} Hz "
+            f"margin={self.cfg.position_margin:g} rad; waiting for joint states on "
+            f"'{self.resolve_topic_name(r.joint_states_topic)}'")
+
+    # --------------------------------------------------------------------------------------- time
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    # ------------------------------------------------------------------------------------- inputs
+    def _on_joint_state(self, msg: JointState) -> None:
+        err = self.filter.on_joint_state(msg.name, msg.position, self._now())
+        if err:
+            self._note_rejection(f"joint state ignored: {err}")
+
+    def _on_command(self, source: str, msg: JointTrajectory) -> None:
+        t = self._now()
+        try:
+            positions = [list(p.positions) for p in msg.points]
+            times = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points]
+            verdict = self.filter.on_command(source, msg.joint_names, positions, times,
+                                             _seconds(msg.header.stamp), t)
+        except Exception as e:  # noqa: BLE001 - a command must never take the safety path down
+            self.filter.last_rejection = f"malformed command ({type(e).__name__}: {e})"
+            self._note_rejection(f"{source} command rejected: {self.filter.last_rejection}")
+            return
+        if not verdict.accepted:
+            self._note_rejection(f"{source} command rejected: {verdict.reason}")
+        elif verdict.reason:
+            self.get_logger().warning(f"{source} command: {verdict.reason}", throttle_duration_sec=1.0)
+
+    def _note_rejection(self, text: str) -> None:
+        self._rejections += 1
+        self.get_logger().warning(text, throttle_duration_sec=1.0)
+        if text != self._last_rejection:  # a diagnostic per new reason (not per repeated message)
+            self._last_rejection = text
+            self._publish_status(rejection=text)
+
+    def _on_estop(self, _msg: Empty) -> None:
+        self.filter.estop(self._now())
+        self.get_logger().error("E-STOP latched: controlled stop, then hold (safety/reset releases)")
+        self._publish_status(force=True)
+
+    def _on_reset(self, _req, resp):
+        resp.success, resp.message = self.filter.reset(self._now())
+        self.get_logger().info(f"reset: {resp.message}")
+        self._publish_status(force=True)
+        return resp
+
+    def _on_resume(self, _req, resp):
+        resp.success, resp.message = self.filter.resume_policy(self._now())
+        self.get_logger().info(f"resume_policy: {resp.message}")
+        self._publish_status(force=True)
+        return resp
+
+    # ------------------------------------------------------------------------------------ outputs
+    def _tick(self) -> None:
+        try:
+            out = self.filter.step(self._now())
+            if out is not None:
+                self._publish_arm(out)
+                if out.gripper_changed and out.gripper is not None:
+                    self._publish_gripper(out.gripper)
+            self._publish_status()
+        except Exception as e:  # noqa: BLE001 - never die on the safety path: latch a controlled stop
+            self.filter.estop(self._now())
+            self.get_logger().error(f"internal error, e-stop latched: {type(e).__name__}: {e}",
+                                    throttle_duration_sec=1.0)
+
+    def _publish_arm(self, out) -> None:
+        r = self.robot
+        if self.controller == "jtc":
+            msg = JointTrajectory()  # stamp 0: start now
+            msg.joint_names = list(r.arm_joints)
+            pts = [out.positions]
+            if self.cfg.jtc_braking_tail:
+                pts += list(self.filter.braking_tail())
+            for i, q in enumerate(pts):
+                msg.points.append(JointTrajectoryPoint(positions=[float(x) for x in q],
+                                                       time_from_start=_duration((i + 1) * self.dt)))
+        elif self.controller == "forward":
+            msg = Float64MultiArray(data=[float(x) for x in out.positions])
+        else:
+            msg = JointState()
+            msg.header.stamp = self.get_clock().now().to_msg()
+            names, pos = list(r.arm_joints), [float(x) for x in out.positions]
+            if self.gripper_mode == "joint_command" and out.gripper is not None:
+                g = r.gripper
+                names += [g.joint, *g.mimic_joints]
+                pos += [float(out.gripper)] + [float(m * out.gripper) for m in g.mimic_multipliers]
+            msg.name, msg.position = names, pos
+        self.pub_arm.publish(msg)
+
+    def _publish_gripper(self, pos: float) -> None:
+        if self.gripper_mode == "jtc":
+            msg = JointTrajectory()
+            msg.joint_names = [self.robot.gripper.joint]
+            msg.points.append(JointTrajectoryPoint(positions=[float(pos)], time_from_start=self._period))
+            self.pub_gripper.publish(msg)
+        elif self.gripper_mode == "franka":
+            self._franka_command()
+
+    # ---------------------------------------------------------------------------- franka gripper
+    def _setup_franka_gripper(self, group) -> None:
+        try:
+            from franka_msgs.action import Grasp, Move  # type: ignore[import-not-found]
+            from rclpy.action import ActionClient
+        except ImportError:
+            raise ConfigError("gripper_output 'franka' needs franka_msgs (from franka_ros2) on this "
+                              "install; use gripper_output:=jtc or none here") from None
+        ns = self.get_parameter("franka_gripper_ns").value
+        self._Move, self._Grasp = Move, Grasp
+        self._move = ActionClient(self, Move, f"{ns}/move", callback_group=group)
+        self._grasp = ActionClient(self, Grasp, f"{ns}/grasp", callback_group=group)
+        self._franka_sent: float | None = None
+
+    def _franka_command(self) -> None:
+        """Send the gripper's target (not the ramp): franka_gripper moves at the limited speed itself."""
+        g = self.robot.gripper
+        target = self.filter.g_target
+        if target is None or (self._franka_sent is not None and abs(target - self._franka_sent) < 0.002):
+            return
+        self._franka_sent = target
+        speed = 2.0 * g.velocity_max  # width speed [m/s]
+        if target <= g.closed + 1e-3:
+            goal = self._Grasp.Goal()
+            goal.width = 2.0 * g.closed
+            goal.speed = speed
+            goal.force = float(self.get_parameter("franka_grasp_force").value)
+            goal.epsilon.inner = goal.epsilon.outer = 2.0 * (g.open - g.closed)  # grasp whatever is there
+            self._grasp.send_goal_async(goal)
+        else:
+            goal = self._Move.Goal()
+            goal.width = 2.0 * target
+            goal.speed = speed
+            self._move.send_goal_async(goal)
+
+    # ------------------------------------------------------------------------------------- status
+    def _publish_status(self, force: bool = False, rejection: str = "") -> None:
+        """Latched state/source on every change; diagnostics on every change, rejection and at 1 Hz."""
+        st = self.filter.status()
+        key = (st.state, st.source, st.level, st.message)
+        changed = key != self._last_status
+        if not (changed or force or rejection):
+            return
+        if changed:
+            self._last_status = key
+            self.pub_state.publish(String(data=st.state))
+            self.pub_source.publish(String(data=st.source))
+            text = f"safety: {st.state} (source {st.source}): {st.message}"
+            if st.level == 0:
+                self.get_logger().info(text)
+            else:
+                self.get_logger().warning(text)
+        level, message = st.level, st.message
+        if rejection:
+            level, message = max(level, 1), rejection
+        diag = DiagnosticArray()
+        diag.header.stamp = self.get_clock().now().to_msg()
+        values = [KeyValue(key="state", value=st.state), KeyValue(key="source", value=st.source),
+                  KeyValue(key="rejected_messages", value=str(self._rejections)),
+                  KeyValue(key="last_rejection", value=self._last_rejection)]
+        diag.status.append(DiagnosticStatus(level=bytes([level]), name=f"{self.get_name()}: safety limits",
+                                            message=message, hardware_id=self.robot.name, values=values))
+        self.pub_diag.publish(diag)
+
+
+def main(args=None) -> int:
+    return run_node(SafetyNode, args=args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,143 @@
+"""Servo node: ``magma/ee_twist`` + ``magma/gripper`` + joint states -> ``magma/joint_command``.
+
+A thin shell over :class:`magma_ros.core.servo.Servo` (all the rules live there; see
+docs/nodes.md). Run: ``python -m magma_ros.nodes.servo --ros-args -p robot:=fr3``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from magma_ros.core.errors import ConfigError
+from magma_ros.core.robot import load_robot
+from magma_ros.core.servo import JointCommand, Servo, ServoConfig
+from magma_ros.nodes._common import declare_config, run_node
+
+
+def _stamp_s(stamp) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def make_node():
+    """Build the servo node (imports rclpy lazily so the module imports without ROS)."""
+    from builtin_interfaces.msg import Duration
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+    from geometry_msgs.msg import TwistStamped
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Float64
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+    class ServoNode(Node):
+        """ROS shell of the servo: parses parameters, converts messages, logs why it holds."""
+
+        def __init__(self):
+            super().__init__("servo")
+            self.cfg: ServoConfig = declare_config(self, ServoConfig).validate()
+            self.robot = load_robot(self.cfg.robot)
+            from magma_ros.core.kinematics import Kinematics
+
+            self.servo = Servo(self.robot, Kinematics(self.robot), self.cfg)
+            self.pub = self.create_publisher(JointTrajectory, "magma/joint_command", 10)
+            self.diag_pub = self.create_publisher(DiagnosticArray, "diagnostics", 10)
+            self.create_subscription(TwistStamped, "magma/ee_twist", self.on_twist, 10)
+            self.create_subscription(Float64, "magma/gripper", self.on_gripper, 10)
+            state_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
+            self.create_subscription(JointState, self.robot.joint_states_topic, self.on_state, state_qos)
+            self.create_timer(1.0, self.publish_diagnostics)
+            self._last_reason = ""
+            self._Duration, self._Point, self._Traj = Duration, JointTrajectoryPoint, JointTrajectory
+            self._diag = (DiagnosticArray, DiagnosticStatus, KeyValue)
+            self.get_logger().info(
+                f"servo for {self.robot.name}: tcp {self.robot.tcp_link}, "
+                f"delta_mode {self.servo.delta_mode}, "
+                f"step_period {self.cfg.step_period} s, joint states on '{self.robot.joint_states_topic}'")
+
+        def now(self) -> float:
+            return self.get_clock().now().nanoseconds * 1e-9
+
+        def on_state(self, msg) -> None:
+            # Freshness is judged by arrival on the node clock: a driver's stamp may use another clock.
+            if not self.servo.update_state(list(msg.name), list(msg.position), self.now()):
+                self._note("joint states without all arm joints (or NaN)", warn=True)
+
+        def on_twist(self, msg) -> None:
+            frame = msg.header.frame_id
+            if frame and frame.lstrip("/") != self.robot.base_link:
+                self._note(f"twist in frame '{frame}', expected '{self.robot.base_link}' "
+                           "(no TF here): dropped", warn=True)
+                return
+            tw = msg.twist
+            res = self.servo.on_twist(_stamp_s(msg.header.stamp), (tw.linear.x, tw.linear.y, tw.linear.z),
+                                      (tw.angular.x, tw.angular.y, tw.angular.z), self.now())
+            self._handle(res)
+
+        def on_gripper(self, msg) -> None:
+            res = self.servo.on_gripper(msg.data, 0.0, self.now())  # Float64 has no stamp: "now"
+            if res.reason != "gripper unchanged":
+                self._handle(res)
+
+        def _handle(self, res) -> None:
+            if res.command is not None:
+                self.pub.publish(self.to_msg(res.command))
+                if self._last_reason not in ("applied", "gripper"):
+                    self.get_logger().info("servo: commands flowing")
+                self._last_reason = res.reason
+            else:
+                self._note(res.reason, warn=not res.reason.startswith("duplicate"))
+
+        def _note(self, reason: str, warn: bool) -> None:
+            if reason != self._last_reason:  # log changes, not every message
+                if warn:  # (rclpy: one severity per call site)
+                    self.get_logger().warning(f"servo holds: {reason}")
+                else:
+                    self.get_logger().info(f"servo holds: {reason}")
+                self._last_reason = reason
+                self.publish_diagnostics()
+
+        def to_msg(self, cmd: JointCommand):
+            m = self._Traj()
+            m.header.stamp = self.get_clock().now().to_msg()
+            m.header.frame_id = self.robot.base_link
+            m.joint_names = list(cmd.joint_names)
+            for t, row in zip(cmd.times, cmd.positions):
+                p = self._Point()
+                p.positions = [float(x) for x in row]
+                sec = int(math.floor(t))
+                p.time_from_start = self._Duration(sec=sec, nanosec=int(round((t - sec) * 1e9)))
+                m.points.append(p)
+            return m
+
+        def publish_diagnostics(self) -> None:
+            DiagnosticArray, DiagnosticStatus, KeyValue = self._diag
+            s = self.servo.stats
+            st = DiagnosticStatus(name="magma_ros: servo", hardware_id=self.robot.name)
+            flowing = self._last_reason in ("applied", "gripper", "")
+            st.level = DiagnosticStatus.OK if flowing else DiagnosticStatus.WARN
+            st.message = "ok" if flowing else self._last_reason
+            vals = {"applied": s.applied, "held_late": s.held_late, "delta_mode": self.servo.delta_mode,
+                    "step_period_s": self.cfg.step_period,
+                    "last_twist_spacing_s": "" if self.servo.last_spacing is None else
+                    f"{self.servo.last_spacing:.3f}"}
+            vals.update({f"dropped_{k}": v for k, v in s.dropped.items()})
+            st.values = [KeyValue(key=k, value=str(v)) for k, v in vals.items()]
+            arr = DiagnosticArray()
+            arr.header.stamp = self.get_clock().now().to_msg()
+            arr.status = [st]
+            self.diag_pub.publish(arr)
+
+    return ServoNode()
+
+
+def main(args=None) -> int:
+    """Console entry point (``magma_ros_servo``)."""
+    try:
+        return run_node(make_node, args=args)
+    except ConfigError as e:  # pragma: no cover - run_node already reports ConfigError
+        print(f"[magma_ros] error: {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

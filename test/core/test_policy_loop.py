@@ -1,0 +1,253 @@
+"""Policy loop core: one-slot mailbox, step gating, staleness, scripted policy, action -> twist."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from magma_ros.core.errors import ConfigError
+from magma_ros.core.policy_loop import (
+    Frame,
+    Mailbox,
+    PolicyLoop,
+    ScriptedPolicy,
+    TomResult,
+    TomWorker,
+    to_policy_action,
+)
+
+
+def rot(axis: str, a: float) -> np.ndarray:
+    c, s = math.cos(a), math.sin(a)
+    return {"x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
+            "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+            "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[axis]
+
+
+def exp_so3(rv) -> np.ndarray:
+    th = np.linalg.norm(rv)
+    if th < 1e-12:
+        return np.eye(3)
+    k = np.asarray(rv) / th
+    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(th) * K + (1 - math.cos(th)) * K @ K
+
+
+def img(v: int = 0) -> np.ndarray:
+    return np.full((8, 8, 3), v, np.uint8)
+
+
+class Clock:
+    def __init__(self, t=100.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+class Recording:
+    """A real ScriptedPolicy that also remembers the image values it saw (and can be slow)."""
+
+    def __init__(self, n=50, delay=0.0):
+        self.inner = ScriptedPolicy([[0.01, 0, 0, 0, 0, 0, 1.0]] * n)
+        self.seen: list[int] = []
+        self.delay = delay
+
+    def infer(self, obs):
+        self.seen.append(int(obs["image"][0, 0, 0]))
+        if self.delay:
+            time.sleep(self.delay)
+        return self.inner.infer(obs)
+
+
+# ----------------------------------------------------------------------------- mailbox
+def test_mailbox_keeps_only_the_newest_item_and_counts_drops():
+    m = Mailbox()
+    for i in range(5):
+        m.put(i)
+    assert m.get(0) == 4
+    assert m.dropped == 4
+    assert m.get(0.01) is None  # taken: empty again
+
+
+def test_mailbox_close_wakes_a_waiting_reader():
+    m = Mailbox()
+    got = []
+    t = threading.Thread(target=lambda: got.append(m.get(5.0)))
+    t.start()
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    m.close()
+    t.join(2.0)
+    assert not t.is_alive() and got == [None] and time.monotonic() - t0 < 1.0
+
+
+# ----------------------------------------------------------------------------- scripted policy
+def test_scripted_policy_plays_the_list_once_then_holds():
+    p = ScriptedPolicy([[0.01, 0, 0, 0, 0, 0, 1], [0, 0.02, 0, 0, 0, 0, 0]])
+    a = [p.infer({"image": img()}) for _ in range(3)]
+    assert a[0]["valid"] and np.allclose(a[0]["action"], [0.01, 0, 0, 0, 0, 0, 1])
+    assert a[1]["valid"] and np.allclose(a[1]["action"], [0, 0.02, 0, 0, 0, 0, 0])
+    assert not a[2]["valid"] and a[2]["reason"] == "script finished"
+
+
+def test_scripted_policy_loop_and_bad_scripts():
+    p = ScriptedPolicy([[1, 0, 0, 0, 0, 0, 0], [2, 0, 0, 0, 0, 0, 0]], loop=True)
+    xs = [p.infer({"image": img()})["action"][0] for _ in range(5)]
+    assert xs == [1, 2, 1, 2, 1]
+    with pytest.raises(ConfigError):
+        ScriptedPolicy.from_flat([0.1] * 8)
+    with pytest.raises(ConfigError):
+        ScriptedPolicy([[float("nan")] * 7])
+    assert not p.infer({"image": np.zeros((4, 4))})["valid"]  # not RGB
+
+
+# ----------------------------------------------------------------------------- action -> twist
+def test_action_becomes_a_base_frame_twist_over_one_step_period():
+    T = 0.2
+    roll, pitch, yaw = 0.05, -0.03, 0.08
+    a, why = to_policy_action({"action": [0.01, -0.02, 0.004, roll, pitch, yaw, 0.7], "valid": True},
+                              stamp=12.5, step_period=T)
+    assert why == "" and a.stamp == 12.5
+    assert np.allclose(a.linear * T, [0.01, -0.02, 0.004])
+    # SimplerEnv: euler2axangle(roll, pitch, yaw), static xyz axes: R = Rz(yaw) Ry(pitch) Rx(roll)
+    want = rot("z", yaw) @ rot("y", pitch) @ rot("x", roll)
+    assert np.allclose(exp_so3(a.angular * T), want, atol=1e-9)
+    assert a.gripper == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("out, part", [
+    ({"action": np.zeros(7), "valid": False, "reason": "non-action tokens"}, "non-action tokens"),
+    ({"action": np.zeros(6), "valid": True}, "7 values"),
+    ({"action": [0, 0, float("nan"), 0, 0, 0, 1], "valid": True}, "NaN"),
+    (None, "no dict"),
+])
+def test_invalid_outputs_give_no_action(out, part):
+    a, why = to_policy_action(out, 1.0, 0.2)
+    assert a is None and part in why
+
+
+# ----------------------------------------------------------------------------- the loop
+def make_loop(policy, clock, step_period=0.2, image_timeout=0.5, instruction="pick the can"):
+    pub, rep = [], []
+    loop = PolicyLoop(policy, step_period, image_timeout, clock, pub.append, rep.append, instruction)
+    return loop, pub, rep
+
+
+def test_loop_acts_on_the_newest_frame_and_keeps_its_stamp():
+    clock, pol = Clock(100.0), Recording()
+    loop, pub, _ = make_loop(pol, clock)
+    for i in range(4):
+        loop.offer(Frame(img(i), stamp=99.9 + 0.01 * i, received=100.0))
+    assert loop.step(0) == "published"
+    assert pol.seen == [3] and pub[0].stamp == pytest.approx(99.93)
+    assert loop.mailbox.dropped == 3
+    assert loop.step(0) == "no frame"  # nothing queued behind it
+
+
+def test_loop_drops_stale_frames_and_reports():
+    clock, pol = Clock(100.0), Recording()
+    loop, pub, rep = make_loop(pol, clock, image_timeout=0.5)
+    loop.offer(Frame(img(1), stamp=99.3, received=100.0))  # 0.7 s old by its stamp
+    assert loop.step(0).startswith("stale image")
+    assert pol.seen == [] and pub == [] and "image_timeout" in rep[-1]
+    loop.offer(Frame(img(2), stamp=99.6, received=100.0))  # 0.4 s old: fine
+    assert loop.step(0) == "published"
+
+
+def test_camera_watchdog_uses_arrival_time_on_the_node_clock():
+    clock = Clock(50.0)
+    loop, _, _ = make_loop(Recording(), clock, image_timeout=0.5)
+    assert loop.camera_stale(clock()) == "no image received yet"
+    loop.offer(Frame(img(), 50.0, 50.0))
+    assert loop.camera_stale(50.4) == ""
+    assert "camera stale" in loop.camera_stale(50.6)
+
+
+def test_one_action_per_step_period_of_image_time():
+    clock, pol = Clock(10.0), Recording()
+    loop, pub, _ = make_loop(pol, clock, step_period=0.2)
+    results = []
+    for k in range(13):  # 30 Hz camera for 0.4 s
+        t = 10.0 + k / 30.0
+        clock.t = t
+        loop.offer(Frame(img(k), t, t))
+        results.append(loop.step(0))
+    stamps = [a.stamp for a in pub]
+    assert len(stamps) == 3  # frames 0, 6, 12
+    assert np.all(np.diff(stamps) >= 0.2 - 1e-9)
+
+
+def test_waits_for_an_instruction():
+    clock, pol = Clock(5.0), Recording()
+    loop, pub, _ = make_loop(pol, clock, instruction="")
+    loop.offer(Frame(img(), 5.0, 5.0))
+    assert loop.step(0) == "waiting for an instruction" and pol.seen == []
+    loop.set_instruction("  put the spoon on the towel ")
+    loop.offer(Frame(img(), 5.3, 5.3))
+    assert loop.step(0) == "published" and loop.instruction == "put the spoon on the towel"
+
+
+def test_invalid_action_and_policy_errors_publish_nothing():
+    class Broken:
+        def __init__(self):
+            self.n = 0
+
+        def infer(self, obs):
+            self.n += 1
+            if self.n == 1:
+                raise ConnectionError("server gone")
+            return {"action": np.zeros(7), "valid": False, "reason": "non-action tokens at #0"}
+
+    clock = Clock(1.0)
+    loop, pub, rep = make_loop(Broken(), clock)
+    loop.offer(Frame(img(), 1.0, 1.0))
+    assert "ConnectionError" in loop.step(0)
+    clock.t = 1.3
+    loop.offer(Frame(img(), 1.3, 1.3))
+    assert "non-action tokens" in loop.step(0)
+    assert pub == [] and loop.stats.invalid == 1 and loop.stats.errors == 1 and len(rep) == 2
+
+
+def test_worker_thread_never_queues_frames_behind_slow_inference():
+    pol = Recording(delay=0.3)
+    loop, pub, _ = make_loop(pol, time.monotonic, step_period=0.05, image_timeout=5.0)
+    loop.start()
+    try:
+        t_end = time.monotonic() + 1.0
+        k = 0
+        while time.monotonic() < t_end:  # 100 Hz camera for 1 s
+            k += 1
+            loop.offer(Frame(img(k % 250), time.monotonic(), time.monotonic()))
+            time.sleep(0.01)
+        last = k
+        time.sleep(0.4)
+    finally:
+        loop.stop()
+    # ~1.0 s / 0.3 s per inference -> at most 4 inferences, not ~100
+    assert 2 <= len(pol.seen) <= 5
+    assert loop.mailbox.dropped > 50
+    # each inference took the newest frame available: the last one saw (nearly) the last frame
+    assert (last % 250) - pol.seen[-1] <= 35
+    assert len(pub) == len(pol.seen)
+
+
+def test_tom_worker_yields_to_the_action_path():
+    busy = threading.Event()
+    done = []
+    plans = []
+
+    def plan(frame, instr):
+        plans.append(frame.stamp)
+        return TomResult(frame.stamp, np.zeros((1, 2)), [np.zeros((2, 2))], frame.image, 0.0)
+
+    w = TomWorker(plan, rate=100.0, publish=done.append, instruction=lambda: "x", action_busy=busy)
+    busy.set()
+    w.offer(Frame(img(), 1.0, 1.0))
+    assert w.step(0) is False and plans == []  # action inference running: ToM waits
+    busy.clear()
+    assert w.step(0) is True and plans == [1.0] and len(done) == 1

@@ -1,0 +1,702 @@
+"""Safety filter core: property tests (hypothesis) and the rules of issue 3, on the real robot YAMLs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from magma_ros.core.errors import ConfigError
+from magma_ros.core.robot import NORMALIZED_GRIPPER, load_robot
+from magma_ros.core.safety import LimitChecker, SafetyConfig, SafetyFilter, brake_speed
+
+ROBOTS = {name: load_robot(name) for name in ("fr3", "panda", "wx250s")}
+DT = 0.01
+
+
+def make(robot="fr3", **kw):
+    r = ROBOTS[robot]
+    f = SafetyFilter(r, SafetyConfig(robot=robot, **kw))
+    return r, f
+
+
+def start(f, q=None, t=0.0):
+    """Fresh joint states + first output (the hold at the measured position)."""
+    r = f.robot
+    q = r.home.copy() if q is None else np.asarray(q, float)
+    f.on_joint_state(r.arm_joints, q, t)
+    out = f.step(t)
+    assert out is not None
+    return out
+
+
+# ----------------------------------------------------------------------------------- brake distance
+@given(v=st.floats(0, 10), a=st.floats(0.5, 30))
+def test_brake_speed_is_exact_discrete_stopping_distance(v, a):
+    """brake_speed(d) is the largest speed whose step + full-deceleration stop fits into d."""
+    dt = DT
+    d = v * dt + dt * sum(max(0.0, v - k * a * dt) for k in range(1, 2000))
+    vb = float(brake_speed(np.array([d]), np.array([a]), dt)[0])
+    assert vb == pytest.approx(v, rel=1e-9, abs=1e-9)
+
+
+# ------------------------------------------------------------------------- random streams (fuzz)
+BAD_KINDS = ("nan", "inf", "short", "unknown", "missing", "empty", "nonincreasing", "stale", "future",
+             "dup", "both_grippers", "negative_time", "ragged")
+
+
+@st.composite
+def events(draw):
+    robot = draw(st.sampled_from(sorted(ROBOTS)))
+    r = ROBOTS[robot]
+    n = r.dof
+    u = draw(st.lists(st.floats(0, 1), min_size=n, max_size=n))
+    q0 = r.position_min + np.array(u) * (r.position_max - r.position_min)
+    evs = []
+    for _ in range(draw(st.integers(1, 14))):
+        kind = draw(st.sampled_from(["steps", "steps", "cmd", "cmd", "bad", "estop", "reset", "resume",
+                                     "stale", "badstate", "teleop"]))
+        if kind in ("steps", "stale"):
+            evs.append((kind, draw(st.integers(1, 25))))
+        elif kind in ("cmd", "teleop"):
+            npts = draw(st.integers(1, 4))
+            pts = [np.array(draw(st.lists(st.floats(-1.4, 1.4), min_size=n, max_size=n)))
+                   for _ in range(npts)]
+            dts = draw(st.lists(st.floats(0.005, 0.4), min_size=npts, max_size=npts))
+            stamp_off = draw(st.sampled_from([0.0, 0.0, -0.05, 0.03]))
+            grip = draw(st.one_of(st.none(), st.floats(-0.5, 1.5)))
+            far = draw(st.booleans())
+            evs.append((kind, pts, np.cumsum(dts), stamp_off, grip, far))
+        elif kind == "bad":
+            evs.append((kind, draw(st.sampled_from(BAD_KINDS)), draw(st.sampled_from(["policy", "teleop"]))))
+        else:
+            evs.append((kind,))
+    return robot, q0, evs
+
+
+def bad_command(f, kind, q):
+    r = f.robot
+    names = list(r.arm_joints)
+    p = q + 0.01
+    pts, times, stamp = [p], [0.1], 0.0
+    if kind == "nan":
+        p = p.copy()
+        p[0] = math.nan
+        pts = [p]
+    elif kind == "inf":
+        p = p.copy()
+        p[-1] = math.inf
+        pts = [p]
+    elif kind == "short":
+        pts = [p[:-1]]
+    elif kind == "unknown":
+        names = names[:-1] + ["no_such_joint"]
+    elif kind == "missing":
+        names, pts = names[:-1], [p[:-1]]
+    elif kind == "empty":
+        pts, times = [], []
+    elif kind == "nonincreasing":
+        pts, times = [p, p + 0.01], [0.2, 0.2]
+    elif kind == "negative_time":
+        times = [-0.1]
+    elif kind == "stale":
+        stamp = -1.0  # relative, see caller
+    elif kind == "future":
+        stamp = 0.2
+    elif kind == "dup":
+        names = names + [names[0]]
+        pts = [np.append(p, p[0])]
+    elif kind == "both_grippers":
+        names = names + [NORMALIZED_GRIPPER, r.gripper.joint]
+        pts = [np.append(p, [0.5, r.gripper.open])]
+    elif kind == "ragged":
+        pts, times = [p, p[:3]], [0.1, 0.2]
+    return names, pts, times, stamp
+
+
+def run(robot, q0, evs, rng, check=True, bad=True):
+    """Drive a filter with an event list; returns (outputs, filter). Checks limits if asked."""
+    r = ROBOTS[robot]
+    f = SafetyFilter(r, SafetyConfig(robot=robot))
+    chk = LimitChecker(f)
+    t = 0.0
+    outs = []
+    measured = q0.copy()
+    fresh = True
+
+    def emit(o, restart=False):
+        if o is None:
+            return
+        if restart or chk.q is None:
+            chk.restart(o.positions)
+        if check:
+            bad_ = chk.check(o.positions)
+            assert not bad_, bad_
+        outs.append(o.positions)
+
+    def tick():
+        nonlocal t
+        if fresh:
+            f.on_joint_state(r.arm_joints, measured, t)
+        was = f.initialized
+        o = f.step(t)
+        emit(o, restart=not was and f.initialized)
+        t += DT
+
+    for ev in evs:
+        kind = ev[0]
+        if kind in ("steps", "stale"):
+            fresh = kind == "steps"
+            for _ in range(ev[1]):
+                if fresh and f.initialized:
+                    measured = f.q + rng.normal(0, 0.002, r.dof)  # tracking error / sag
+                tick()
+            fresh = True
+        elif kind in ("cmd", "teleop"):
+            _, pts, times, stamp_off, grip, far = ev
+            base = f.q if f.initialized else q0
+            names = list(r.arm_joints)
+            P = [base + (p if far else 0.1 * p) for p in pts]
+            if grip is not None:
+                names.append(NORMALIZED_GRIPPER)
+                P = [np.append(p, grip) for p in P]
+            f.on_command("teleop" if kind == "teleop" else "policy", names, P, times,
+                         0.0 if stamp_off == 0.0 else t + stamp_off, t)
+        elif kind == "bad" and bad:
+            names, pts, times, stamp = bad_command(f, ev[1], f.q if f.initialized else q0)
+            stamp = t + stamp if stamp != 0.0 else 0.0
+            v = f.on_command(ev[2], names, pts, times, stamp, t)
+            assert not v.accepted, (ev, v)
+        elif kind == "estop":
+            f.estop(t)
+        elif kind == "reset":
+            was_estopped = f.estopped
+            ok, _ = f.reset(t)
+            if ok and was_estopped and f.initialized:
+                chk.restart(f.q)  # motion restarts at rest from the measured position
+        elif kind == "resume":
+            f.resume_policy(t)
+        elif kind == "badstate":
+            f.on_joint_state(r.arm_joints, np.full(r.dof, math.nan), t)
+    return outs, f
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events(), st.integers(0, 2**32 - 1))
+def test_every_output_within_limits(case, seed):
+    """Arbitrary command streams, including every bad input: position (minus margin), velocity
+    (FR3: position dependent), acceleration and jerk limits hold for every output over its dt."""
+    robot, q0, evs = case
+    outs, f = run(robot, q0, evs, np.random.default_rng(seed))
+    assert f.infeasible_steps == 0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events(), st.integers(0, 2**32 - 1))
+def test_bad_messages_change_nothing(case, seed):
+    """The same stream with and without interleaved bad messages produces identical outputs."""
+    robot, q0, evs = case
+    a, _ = run(robot, q0, evs, np.random.default_rng(seed), check=False, bad=True)
+    b, _ = run(robot, q0, evs, np.random.default_rng(seed), check=False, bad=False)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+# ------------------------------------------------------------------------ in-limit pass-through
+def min_jerk(s):
+    s = np.clip(s, 0.0, 1.0)
+    return 10 * s**3 - 15 * s**4 + 6 * s**5
+
+
+@st.composite
+def smooth_reference(draw):
+    """A reference that is inside all limits with slack: a sum of minimum-jerk moves with pauses
+    (direction reversals only at rest), starting at rest at q0 and ending at rest."""
+    robot = draw(st.sampled_from(sorted(ROBOTS)))
+    r = ROBOTS[robot]
+    n = r.dof
+    f = SafetyFilter(r, SafetyConfig(robot=robot))
+    mid = (f.q_lo + f.q_hi) / 2
+    half = (f.q_hi - f.q_lo) / 2
+    u = np.array(draw(st.lists(st.floats(-0.5, 0.5), min_size=n, max_size=n)))
+    q0 = mid + u * half
+    moves = []
+    t0 = draw(st.floats(0.0, 0.1))
+    q = q0.copy()
+    for _ in range(draw(st.integers(1, 3))):
+        T = draw(st.floats(0.3, 1.0))
+        d = np.array(draw(st.lists(st.floats(-1, 1), min_size=n, max_size=n)))
+        # peak velocity 1.875 |d|/T, peak acceleration 5.774 |d|/T^2; keep at 60 % of the limits
+        scale = min(0.6 * np.min(f.v_max / (1.875 * np.abs(d) / T + 1e-12)),
+                    0.6 * np.min(f.a_max / (5.774 * np.abs(d) / T**2 + 1e-12)), 1.0)
+        d = d * scale
+        d = np.clip(q + d, mid - 0.9 * half, mid + 0.9 * half) - q  # stay inside the band
+        moves.append((t0, T, d))
+        q = q + d
+        t0 += T + draw(st.floats(0.02, 0.2))
+    t_end = t0
+
+    def ref(t):
+        out = q0.copy()
+        for s0, T, d in moves:
+            out = out + d * min_jerk((t - s0) / T)
+        return out
+
+    return robot, ref, t_end
+
+
+def _reference_within(f, samples) -> bool:
+    chk = LimitChecker(f, tol=-0.02)  # the reference must be 2 % inside every limit
+    chk.restart(samples[0])
+    return all(not chk.check(q) for q in samples[1:])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(smooth_reference(), st.sampled_from(["whole", "chunks", "points"]))
+def test_in_limit_streams_pass_unchanged(case, how):
+    """A stream inside the limits reaches the output exactly (its samples at the output instants),
+    whether it comes as one trajectory, as overlapping 10 Hz chunks, or point by point."""
+    robot, ref, t_end = case
+    r, f = make(robot)
+    steps = int(math.ceil(t_end / DT)) + 5
+    samples = [ref(k * DT) for k in range(steps + 1)]
+    if f.pdv is not None and not _reference_within(f, samples):
+        return  # the FR3 position-dependent bound is tighter than the reference near a limit
+    start(f, samples[0], t=-DT)  # the first output (the hold) is reached at t = 0
+    for k in range(1, steps):
+        t = (k - 1) * DT  # this step's output is reached at k*DT
+        f.on_joint_state(r.arm_joints, samples[k - 1], t)
+        if how == "whole" and (k - 1) % 40 == 0 or how == "chunks" and (k - 1) % 10 == 0 or how == "points":
+            idx = range(k, steps + 1) if how != "points" else range(k, min(k + 30, steps + 1))
+            pts = [samples[i] for i in idx]
+            times = [i * DT - t for i in idx]
+            if how == "points":  # a short trajectory that ends at rest only at the true end
+                if idx[-1] < steps:
+                    rest = range(k, steps + 1)
+                    pts, times = [samples[i] for i in rest], [i * DT - t for i in rest]
+            v = f.on_command("policy", r.arm_joints, pts, times, t, t)
+            assert v.accepted, v
+        out = f.step(t)
+        np.testing.assert_allclose(out.positions, samples[k], atol=1e-9, rtol=0)
+    assert f.status().state == "ok"
+
+
+# ------------------------------------------------------------------------------------- the rules
+def test_startup_nothing_before_fresh_joint_states_then_hold():
+    r, f = make("fr3")
+    assert f.step(0.0) is None
+    assert f.status().state == "waiting"
+    f.on_joint_state(r.arm_joints, r.home, 0.0)
+    assert f.step(0.5) is None  # states are 0.5 s old: still nothing
+    v = f.on_command("policy", r.arm_joints, [r.home + 0.1], [0.5], 0.0, 0.5)
+    assert not v.accepted and "joint states" in v.reason
+    f.on_joint_state(r.arm_joints, r.home, 0.6)
+    out = f.step(0.6)
+    np.testing.assert_array_equal(out.positions, r.home)
+    assert f.status().state == "holding:waiting for command" and f.source == "hold"
+    for k in range(5):
+        f.on_joint_state(r.arm_joints, r.home, 0.61 + k * DT)
+        np.testing.assert_array_equal(f.step(0.61 + k * DT).positions, r.home)
+
+
+def test_joint_state_order_and_extra_joints():
+    r, f = make("fr3")
+    order = list(reversed(r.arm_joints)) + ["fr3_finger_joint1", "fr3_finger_joint2"]
+    pos = list(reversed(r.home)) + [0.02, 0.02]
+    assert f.on_joint_state(order, pos, 0.0) == ""
+    np.testing.assert_array_equal(f.step(0.0).positions, r.home)
+    assert f.g == pytest.approx(0.02)
+    assert "misses" in f.on_joint_state(r.arm_joints[:3], r.home[:3], 0.0)
+    assert "positions" in f.on_joint_state(r.arm_joints, r.home[:3], 0.0)
+
+
+@pytest.mark.parametrize("robot", sorted(ROBOTS))
+def test_too_fast_command_is_scaled_along_its_direction(robot):
+    r, f = make(robot)
+    start(f)
+    d = np.linspace(0.4, -0.2, r.dof)  # a 0.4 rad move asked for in 20 ms
+    tgt = r.home + d
+    chk = LimitChecker(f)
+    chk.restart(r.home)
+    f.on_command("policy", r.arm_joints, [tgt], [0.02], 0.0, 0.0)
+    outs = []
+    for k in range(1, 400):
+        t = k * DT
+        f.on_joint_state(r.arm_joints, f.q, t)
+        f.on_command("policy", r.arm_joints, [tgt], [0.02], 0.0, t) if k % 20 == 0 else None
+        o = f.step(t)
+        assert not chk.check(o.positions)
+        outs.append(o.positions)
+    outs = np.array(outs)
+    np.testing.assert_allclose(outs[-1], tgt, atol=1e-9)  # arrives, no overshoot left
+    frac = (outs - r.home) / d  # every joint at the same fraction of its way: a straight line
+    assert np.all(np.ptp(frac, axis=1) < 1e-6)
+    assert np.all(frac <= 1 + 1e-9)  # never beyond the target
+
+
+def test_position_limits_minus_margin():
+    r, f = make("panda", position_margin=0.1, max_step=0.0)
+    start(f)
+    tgt = r.position_max + 0.3  # beyond every upper limit
+    chk = LimitChecker(f)
+    chk.restart(r.home)
+    v = f.on_command("policy", r.arm_joints, [tgt], [0.3], 0.0, 0.0)
+    assert v.accepted and "clamped" in v.reason
+    for k in range(1, 600):
+        t = k * DT
+        f.on_joint_state(r.arm_joints, f.q, t)
+        if k % 25 == 0:
+            f.on_command("policy", r.arm_joints, [tgt], [0.3], 0.0, t)
+        o = f.step(t)
+        assert not chk.check(o.positions)
+    np.testing.assert_allclose(f.q, r.position_max - 0.1, atol=1e-9)
+
+
+def test_start_outside_the_band_only_moves_back():
+    r, f = make("wx250s", position_margin=0.1, max_step=0.0)
+    q0 = r.home.copy()
+    q0[1] = r.position_max[1] - 0.02  # inside the hard limit, outside the margin band
+    start(f, q0)
+    chk = LimitChecker(f)
+    chk.restart(q0)
+    up = q0.copy()
+    up[1] += 0.01
+    f.on_command("policy", r.arm_joints, [up], [0.2], 0.0, 0.0)
+    for k in range(1, 30):
+        f.on_joint_state(r.arm_joints, f.q, k * DT)
+        assert not chk.check(f.step(k * DT).positions)
+    assert f.q[1] <= q0[1] + 1e-12
+    for k in range(30, 400):
+        if k % 30 == 0:
+            f.on_command("policy", r.arm_joints, [r.home], [0.3], 0.0, k * DT)
+        f.on_joint_state(r.arm_joints, f.q, k * DT)
+        assert not chk.check(f.step(k * DT).positions)
+    np.testing.assert_allclose(f.q, r.home, atol=1e-9)
+
+
+def test_max_step_scales_the_command_towards_the_current_position():
+    r, f = make("fr3", max_step=0.2)
+    start(f)
+    tgt = r.home.copy()
+    tgt[0] += 0.8
+    tgt[1] += 0.4
+    v = f.on_command("policy", r.arm_joints, [tgt], [0.4], 0.0, 0.0)
+    assert v.accepted and "max_step" in v.reason
+    for k in range(1, 50):
+        f.on_joint_state(r.arm_joints, f.q, k * DT)
+        f.step(k * DT)
+    np.testing.assert_allclose(f.q - r.home, [0.2, 0.1, 0, 0, 0, 0, 0], atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_each_bad_command_is_rejected_with_a_reason(kind):
+    r, f = make("fr3")
+    start(f, t=5.0)
+    names, pts, times, stamp = bad_command(f, kind, r.home)
+    v = f.on_command("policy", names, pts, times, 5.0 + stamp if stamp else 0.0, 5.0)
+    assert not v.accepted and v.reason
+    assert f.last_rejection == v.reason
+    f.on_joint_state(r.arm_joints, r.home, 5.01)
+    np.testing.assert_array_equal(f.step(5.01).positions, r.home)
+    assert f.status().state == "holding:waiting for command"
+
+
+def test_stamps_zero_is_now_small_future_ok():
+    r, f = make("fr3")
+    start(f, t=10.0)
+    assert f.on_command("policy", r.arm_joints, [r.home], [0.1], 0.0, 10.0).accepted
+    assert f.on_command("policy", r.arm_joints, [r.home], [0.1], 10.04, 10.0).accepted
+    assert f.on_command("policy", r.arm_joints, [r.home], [0.1], 9.6, 10.0).accepted
+    assert not f.on_command("policy", r.arm_joints, [r.home], [0.1], 9.4, 10.0).accepted
+    assert not f.on_command("policy", r.arm_joints, [r.home], [0.1], 10.06, 10.0).accepted
+    assert not f.on_command("robot", r.arm_joints, [r.home], [0.1], 0.0, 10.0).accepted
+
+
+def moving_filter(robot="fr3", speed=0.6):
+    """A filter following a steady motion; returns (robot, filter, t)."""
+    r, f = make(robot)
+    start(f)
+    tgt = r.home + np.where(np.arange(r.dof) % 2 == 0, 1.0, -1.0) * 0.3
+    t = 0.0
+    for k in range(1, 40):
+        t = k * DT
+        f.on_joint_state(r.arm_joints, f.q, t)
+        if k % 10 == 1:
+            f.on_command("policy", r.arm_joints, [tgt], [0.3 / speed], 0.0, t)
+        f.step(t)
+    assert np.max(np.abs(f.v)) > 0.3
+    return r, f, t
+
+
+def test_estop_latches_at_once_and_stops_within_acceleration_limits():
+    r, f, t = moving_filter()
+    chk = LimitChecker(f)
+    chk.q, chk.v, chk.a = f.q.copy(), f.v.copy(), f.a.copy()
+    f.estop(t)
+    assert f.status().state == "stopping"
+    v0 = f.v.copy()
+    speeds, k = [], 0
+    while True:
+        k += 1
+        t += DT
+        f.on_joint_state(r.arm_joints, f.q, t)
+        # any command stream while latched is ignored
+        assert not f.on_command("teleop", r.arm_joints, [r.home], [0.1], 0.0, t).accepted
+        assert not f.on_command("policy", r.arm_joints, [f.q + 0.2], [0.1], 0.0, t).accepted
+        o = f.step(t)
+        assert not chk.check(o.positions)
+        speeds.append(np.abs(o.velocities))
+        if k == 1:  # the first step after the e-stop already decelerates, along the direction of motion
+            assert np.all(np.abs(o.velocities) < np.abs(v0) + 1e-12)
+            np.testing.assert_allclose(o.velocities / np.linalg.norm(o.velocities), v0 / np.linalg.norm(v0))
+        if np.all(speeds[-1] == 0):
+            break
+        assert k < 100
+    # category 2: as fast as the acceleration limit allows (one partial last step)
+    assert k <= math.ceil(np.max(np.abs(v0) / (f.a_max * DT))) + 1
+    assert f.status().state == "estopped" and f.source == "hold"
+    latched = f.q.copy()
+    for _ in range(20):
+        t += DT
+        f.on_joint_state(r.arm_joints, latched - 0.05, t)  # sagging measurement
+        np.testing.assert_array_equal(f.step(t).positions, latched)
+    assert not f.resume_policy(t)[0]
+
+
+def test_reset_needs_fresh_states_and_restarts_from_measured():
+    r, f, t = moving_filter()
+    f.estop(t)
+    for _ in range(30):
+        t += DT
+        f.on_joint_state(r.arm_joints, f.q, t)
+        f.step(t)
+    latched = f.q.copy()
+    ok, msg = f.reset(t + 1.0)  # last joint state 1 s old
+    assert not ok and "fresh" in msg and f.estopped
+    measured = latched + 0.01
+    t += DT
+    f.on_joint_state(r.arm_joints, measured, t)
+    assert f.reset(t)[0]
+    assert f.status().state.startswith("holding:")
+    out = f.step(t)
+    np.testing.assert_array_equal(out.positions, measured)  # no jump away from where the arm is
+    np.testing.assert_array_equal(out.velocities, 0)
+    assert f.on_command("policy", r.arm_joints, [measured + 0.05], [0.5], 0.0, t).accepted
+    f.step(t + DT)
+    assert f.source == "policy"
+
+
+def test_command_timeout_holds_and_latches_the_target():
+    r, f, t = moving_filter()
+    last_cmd = 31 * DT
+    chk = LimitChecker(f)
+    chk.q, chk.v, chk.a = f.q.copy(), f.v.copy(), f.a.copy()
+    while t + DT < last_cmd + 0.5 - 1e-6:
+        t += DT
+        f.on_joint_state(r.arm_joints, f.q, t)
+        assert not chk.check(f.step(t).positions)
+    assert f.status().state == "ok"
+    t += 2 * DT
+    f.on_joint_state(r.arm_joints, f.q, t)
+    assert not chk.check(f.step(t).positions)
+    assert f.status().state == "holding:command timeout" and f.source == "hold"
+    for _ in range(60):  # decelerates, then holds still although the measurement sags
+        t += DT
+        f.on_joint_state(r.arm_joints, f.q - 0.03, t)
+        assert not chk.check(f.step(t).positions)
+    held = f.q.copy()
+    for _ in range(10):
+        t += DT
+        f.on_joint_state(r.arm_joints, held - 0.05, t)
+        np.testing.assert_array_equal(f.step(t).positions, held)
+    # a fresh policy command resumes (the policy was never demoted)
+    assert f.on_command("policy", r.arm_joints, [held + 0.01], [0.5], 0.0, t).accepted
+
+
+def test_stale_joint_states_hold_without_extrapolation():
+    r, f, t = moving_filter()
+    t_state = t
+    outs = []
+    for _ in range(80):
+        t += DT
+        if int(round(t / DT)) % 10 == 0:
+            f.on_command("policy", r.arm_joints, [f.q + 0.1], [0.3], 0.0, t)
+        outs.append(f.step(t).positions)
+    assert t - t_state > 0.2
+    assert f.status().state == "holding:stale joint states"
+    np.testing.assert_array_equal(outs[-1], outs[-2])  # standing still
+    f.on_joint_state(r.arm_joints, f.q, t)
+    assert f.on_command("policy", r.arm_joints, [f.q + 0.01], [0.3], 0.0, t).accepted
+    f.step(t + DT)
+    assert f.status().state == "ok"
+
+
+def test_teleop_priority_and_explicit_hand_back():
+    r, f, t = moving_filter()
+    assert f.source == "policy"
+    tele = f.q - 0.05
+    t += DT
+    assert f.on_command("teleop", r.arm_joints, [tele], [0.5], 0.0, t).accepted
+    v_before = f.v.copy()
+    f.on_joint_state(r.arm_joints, f.q, t)
+    o = f.step(t)
+    assert f.source == "teleop"
+    assert np.all(np.abs(o.velocities - v_before) <= f.a_max * DT + 1e-12)  # rate-limited hand-over
+    v = f.on_command("policy", r.arm_joints, [f.q + 0.1], [0.5], 0.0, t)
+    assert not v.accepted and "teleop" in v.reason
+    assert not f.resume_policy(t)[0]  # teleop still fresh
+    # teleop goes silent -> hold, and the policy does not come back by itself
+    for _ in range(60):
+        t += DT
+        f.on_joint_state(r.arm_joints, f.q, t)
+        f.on_command("policy", r.arm_joints, [f.q + 0.1], [0.5], 0.0, t)
+        f.step(t)
+    assert f.status().state == "holding:teleop timeout" and f.source == "hold"
+    ok, msg = f.resume_policy(t)
+    assert ok, msg
+    assert f.on_command("policy", r.arm_joints, [f.q + 0.1], [0.5], 0.0, t).accepted
+    f.step(t + DT)
+    assert f.source == "policy"
+    # fresh teleop wins at once again
+    assert f.on_command("teleop", r.arm_joints, [f.q], [0.5], 0.0, t + DT).accepted
+    f.on_joint_state(r.arm_joints, f.q, t + 2 * DT)
+    f.step(t + 2 * DT)
+    assert f.source == "teleop"
+
+
+def test_gripper_normalized_and_metres_range_and_rate():
+    r, f = make("fr3")
+    g = r.gripper
+    f.on_joint_state(list(r.arm_joints) + [g.joint], list(r.home) + [g.open], 0.0)
+    f.step(0.0)
+    names = list(r.arm_joints) + [NORMALIZED_GRIPPER]
+    assert f.on_command("policy", names, [np.append(r.home, 0.0)], [0.2], 0.0, 0.0).accepted
+    gs = []
+    for k in range(1, 80):
+        f.on_joint_state(r.arm_joints, r.home, k * DT)
+        f.on_command("policy", names, [np.append(r.home, 0.0)], [0.2], 0.0, k * DT) if k % 20 == 0 else 0
+        gs.append(f.step(k * DT).gripper)
+    steps = np.abs(np.diff([g.open] + gs))
+    assert np.max(steps) <= g.velocity_max * DT + 1e-12  # rate limited
+    assert gs[-1] == pytest.approx(g.closed)
+    names = list(r.arm_joints) + [g.joint]
+    f.on_command("policy", names, [np.append(r.home, 0.5)], [0.2], 0.0, 0.8)  # metres, beyond open
+    for k in range(80, 200):
+        f.on_joint_state(r.arm_joints, r.home, k * DT)
+        if k % 20 == 0:
+            f.on_command("policy", names, [np.append(r.home, 0.5)], [0.2], 0.0, k * DT)
+        gs.append(f.step(k * DT).gripper)
+    assert max(gs) == pytest.approx(g.open)  # clipped to the range
+
+
+def test_mimic_finger_is_accepted_and_ignored():
+    r, f = make("wx250s")
+    start(f)
+    names = list(r.arm_joints) + [r.gripper.joint] + list(r.gripper.mimic_joints)
+    v = f.on_command("policy", names, [np.append(r.home, [0.02, -0.02])], [0.2], 0.0, 0.0)
+    assert v.accepted
+
+
+def test_braking_tail_ends_at_rest_within_limits():
+    r, f, t = moving_filter("panda")
+    tail = f.braking_tail()
+    assert len(tail) >= 2
+    chk = LimitChecker(f)
+    chk.q, chk.v, chk.a = f.q.copy(), f.v.copy(), f.a.copy()
+    for q in tail:
+        assert not chk.check(q)
+    np.testing.assert_allclose(chk.v, 0, atol=1e-12)
+    state = (f.q.copy(), f.v.copy())
+    np.testing.assert_array_equal(state[0], f.q)  # the tail does not change the filter
+
+
+@pytest.mark.parametrize("robot", ["fr3", "wx250s"])
+def test_workspace_min_height_stops_before_the_floor(robot):
+    from magma_ros.core.kinematics import Kinematics
+
+    r = ROBOTS[robot]
+    kin = Kinematics(r)
+    z0 = kin.fk(r.home)[2, 3]
+    f = SafetyFilter(r, SafetyConfig(robot=robot, workspace_enabled=True, min_tcp_height=z0 - 0.05,
+                                     workspace_min=(-2, -2, -2), workspace_max=(2, 2, 2)))
+    start(f)
+    # a joint move that lowers the TCP a lot; find one numerically
+    J = kin.jacobian(r.home)[:3] if hasattr(kin, "jacobian") else None
+    d = np.zeros(r.dof)
+    if J is not None:
+        d = -J[2] / np.linalg.norm(J[2]) * 0.6
+    else:
+        d[1] = 0.6
+    for k in range(1, 400):
+        f.on_joint_state(r.arm_joints, f.q, k * DT)
+        if k % 20 == 1:
+            v = f.on_command("policy", r.arm_joints, [f.q + d * 0.1], [0.2], 0.0, k * DT)
+        f.step(k * DT)
+        assert kin.fk(f.q)[2, 3] >= z0 - 0.05 - 1e-3
+    assert f.status().state in ("holding:workspace", "ok") or not v.accepted
+    assert kin.fk(f.q)[2, 3] < z0 - 0.02  # it did move down towards the floor
+    # a target below the floor is rejected outright
+    low = f.q + d
+    assert not f.on_command("policy", r.arm_joints, [low], [0.2], 0.0, 5.0).accepted
+
+
+def test_config_errors_are_one_line_with_choices():
+    r = ROBOTS["fr3"]
+    with pytest.raises(ConfigError, match="did you mean 'jtc'"):
+        SafetyFilter(r, SafetyConfig(controller="jtx"))
+    with pytest.raises(ConfigError, match="at most 250 Hz"):
+        SafetyFilter(r, SafetyConfig(output_rate=1000.0))
+    SafetyFilter(ROBOTS["wx250s"], SafetyConfig(output_rate=1000.0))  # no jerk limit published
+    with pytest.raises(ConfigError, match="velocity_scale"):
+        SafetyFilter(r, SafetyConfig(velocity_scale=1.5))
+    with pytest.raises(ConfigError, match="no room"):
+        SafetyFilter(r, SafetyConfig(position_margin=2.0))
+
+
+def test_fr3_position_dependent_velocity_near_a_limit():
+    """Driving joint 5 (k = 34) into its upper limit at full speed respects libfranka's bound."""
+    r, f = make("fr3", position_margin=0.0)
+    q0 = r.home.copy()
+    q0[4] = 1.0
+    start(f, q0)
+    chk = LimitChecker(f)
+    chk.restart(q0)
+    tgt = q0.copy()
+    tgt[4] = 5.0
+    for k in range(0, 300):
+        t = k * DT
+        f.on_joint_state(r.arm_joints, f.q, t)
+        if k % 20 == 0:
+            f.on_command("policy", r.arm_joints, [tgt], [0.3], 0.0, t)
+        assert not chk.check(f.step(t).positions)
+    assert f.q[4] == pytest.approx(r.position_max[4], abs=1e-4)  # the bound reaches 0 at the limit
+    assert f.infeasible_steps == 0
+
+
+def test_clock_jumping_back_invalidates_states_and_commands():
+    r, f, t = moving_filter()
+    f.step(t)
+    t_back = t - 0.3  # simulation reset
+    out = f.step(t_back)
+    assert f.status().state == "holding:stale joint states"
+    assert out is not None  # still commands a controlled stop
+    f.on_joint_state(r.arm_joints, f.q, t_back)
+    assert f.on_command("policy", r.arm_joints, [f.q], [0.3], 0.0, t_back).accepted
+
+
+def test_safety_yaml_matches_the_config():
+    import yaml
+
+    from magma_ros.core.paths import data_path
+
+    params = yaml.safe_load(data_path("config", "safety.yaml").read_text())["/**"]["ros__parameters"]
+    node_only = {"franka_gripper_ns", "franka_grasp_force"}
+    fields = {k: v for k, v in params.items() if k not in node_only}
+    cfg = SafetyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}).validate()
+    defaults = SafetyConfig()
+    for k in fields:  # the file documents the defaults
+        assert getattr(cfg, k) == getattr(defaults, k), k

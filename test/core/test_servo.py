@@ -1,0 +1,233 @@
+"""Servo core: twist x step period = the TCP delta (FK check), target vs measured mode, holds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from magma_ros.core.errors import ConfigError
+from magma_ros.core.kinematics import Kinematics, pose_error, rotvec_to_matrix
+from magma_ros.core.robot import load_robot
+from magma_ros.core.servo import Servo, ServoConfig, apply_delta, matrix_to_rotvec, rotvec_to_matrix as rv2m
+
+# A comfortable working pose per robot (home for the Frankas; the WidowX home is a wrist singularity).
+WORK_Q = {"fr3": None, "panda": None, "wx250s": np.array([0.0, -0.5, 0.5, 0.0, 0.6, 0.0])}
+T = 0.2
+
+
+@pytest.fixture(scope="module", params=["fr3", "panda", "wx250s"])
+def robot_kin(request):
+    rb = load_robot(request.param)
+    return rb, Kinematics(rb)
+
+
+def start_q(rb):
+    q = WORK_Q[rb.name]
+    return rb.home.copy() if q is None else q.copy()
+
+
+def state(servo, rb, q, t, finger=None):
+    names = list(rb.arm_joints) + ([rb.gripper.joint] if finger is not None else [])
+    pos = list(q) + ([finger] if finger is not None else [])
+    # any order, extra joints ignored
+    assert servo.update_state(names[::-1] + ["some_other_joint"], pos[::-1] + [1.0], t)
+
+
+def check_delta(kin, q_from, q_to, dpos, drot, tol_p=2e-4, tol_r=2e-3):
+    """FK(q_to) == (FK(q_from).p + dpos, Exp(drot) FK(q_from).R) within tolerance."""
+    a, b = kin.fk(q_from), kin.fk(q_to)
+    want = np.eye(4)
+    want[:3, 3] = a[:3, 3] + dpos
+    want[:3, :3] = rotvec_to_matrix(drot) @ a[:3, :3]  # pinocchio's exp3, not the servo's
+    dp, dr = pose_error(want, b)
+    assert np.linalg.norm(dp) < tol_p, f"position off by {np.linalg.norm(dp) * 1e3:.3f} mm"
+    assert np.linalg.norm(dr) < tol_r, f"rotation off by {np.degrees(np.linalg.norm(dr)):.3f} deg"
+
+
+def arm(cmd, rb):
+    return cmd.positions[-1, : rb.dof]
+
+
+def test_rotation_helpers_agree_with_pinocchio():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        rv = rng.normal(size=3) * rng.uniform(0, 3.0)
+        assert np.allclose(rv2m(rv), rotvec_to_matrix(rv), atol=1e-12)
+        assert np.allclose(rv2m(matrix_to_rotvec(rv2m(rv))), rv2m(rv), atol=1e-9)
+    assert np.allclose(matrix_to_rotvec(rv2m([0, 0, np.pi - 1e-6])), [0, 0, np.pi - 1e-6], atol=1e-5)
+
+
+def test_twist_times_step_period_moves_the_tcp_by_exactly_that_delta(robot_kin):
+    rb, kin = robot_kin
+    servo = Servo(rb, kin, ServoConfig(robot=rb.name, step_period=T))
+    q0 = start_q(rb)
+    state(servo, rb, q0, 10.0)
+    v, w = np.array([0.05, -0.03, 0.02]), np.array([0.1, -0.2, 0.15])  # -> 1 cm, 0.6 cm, 0.4 cm; ~3 deg
+    res = servo.on_twist(10.0, v, w, now=10.05)
+    assert res.reason == "applied", res.reason
+    cmd = res.command
+    assert cmd.joint_names[: rb.dof] == rb.arm_joints
+    assert cmd.times == (pytest.approx(T),) and cmd.stamp == 10.05
+    check_delta(kin, q0, arm(cmd, rb), v * T, w * T)
+
+
+def test_several_points_follow_a_straight_tcp_line(robot_kin):
+    rb, kin = robot_kin
+    servo = Servo(rb, kin, ServoConfig(robot=rb.name, step_period=T, points=4))
+    q0 = start_q(rb)
+    state(servo, rb, q0, 1.0)
+    v, w = np.array([0.0, 0.1, -0.05]), np.array([0.0, 0.0, 0.3])
+    cmd = servo.on_twist(1.0, v, w, now=1.0).command
+    assert cmd.times == pytest.approx((0.05, 0.1, 0.15, 0.2))
+    for k in range(4):
+        check_delta(kin, q0, cmd.positions[k, : rb.dof], v * T * (k + 1) / 4, w * T * (k + 1) / 4)
+
+
+def test_target_mode_chains_deltas_on_the_previous_target_not_the_sagging_arm(robot_kin):
+    rb, kin = robot_kin
+    servo = Servo(rb, kin, ServoConfig(robot=rb.name, step_period=T, delta_mode="target"))
+    q0 = start_q(rb)
+    state(servo, rb, q0, 0.0)
+    d1, d2 = np.array([0.05, 0.0, 0.0]), np.array([0.0, 0.0, 0.05])
+    q1 = arm(servo.on_twist(0.0 + 1e-3, d1, np.zeros(3), now=0.01).command, rb)
+    # the arm lags/sags 3 mm below the first target
+    sag = kin.solve_delta(q1, [0, 0, -0.003], [0, 0, 0]).q
+    state(servo, rb, sag, 0.2)
+    q2 = arm(servo.on_twist(0.2, d2, np.zeros(3), now=0.21).command, rb)
+    check_delta(kin, q1, q2, d2 * T, np.zeros(3))  # from the previous TARGET
+    check_delta(kin, q0, q2, (d1 + d2) * T, np.zeros(3))  # no accumulated sag
+
+
+def test_measured_mode_applies_each_delta_to_the_measured_pose(robot_kin):
+    rb, kin = robot_kin
+    servo = Servo(rb, kin, ServoConfig(robot=rb.name, step_period=T, delta_mode="measured"))
+    q0 = start_q(rb)
+    state(servo, rb, q0, 0.0)
+    d = np.array([0.05, 0.0, 0.0])
+    q1 = arm(servo.on_twist(0.001, d, np.zeros(3), now=0.01).command, rb)
+    lagged = kin.solve_delta(q1, [0, 0, -0.003], [0, 0, 0]).q
+    state(servo, rb, lagged, 0.2)
+    q2 = arm(servo.on_twist(0.2, d, np.zeros(3), now=0.21).command, rb)
+    check_delta(kin, lagged, q2, d * T, np.zeros(3))
+
+
+def test_robot_yaml_picks_the_delta_mode():
+    assert Servo(load_robot("wx250s"), Kinematics("wx250s")).delta_mode == "target"  # Bridge
+    assert Servo(load_robot("fr3"), Kinematics("fr3")).delta_mode == "measured"  # RT-1
+    with pytest.raises(ConfigError):
+        ServoConfig(delta_mode="absolute").validate()
+    with pytest.raises(ConfigError):
+        ServoConfig(step_period=0.0).validate()
+
+
+def test_target_mode_reanchors_when_the_arm_was_moved_away():
+    rb = load_robot("wx250s")
+    kin = Kinematics(rb)
+    servo = Servo(rb, kin, ServoConfig(robot=rb.name, step_period=T))
+    q0 = start_q(rb)
+    state(servo, rb, q0, 0.0)
+    servo.on_twist(0.01, [0.05, 0, 0], [0, 0, 0], now=0.01)
+    moved = kin.solve_delta(q0, [0.0, 0.08, 0.0], [0, 0, 0]).q  # teleop moved it 8 cm sideways
+    state(servo, rb, moved, 1.0)
+    q2 = arm(servo.on_twist(1.0, [0, 0, 0.05], [0, 0, 0], now=1.0).command, rb)
+    check_delta(kin, moved, q2, [0, 0, 0.01], np.zeros(3))
+
+
+def test_each_twist_is_used_once_and_old_or_bad_twists_hold(robot_kin):
+    rb, kin = robot_kin
+    servo = Servo(rb, kin, ServoConfig(robot=rb.name, step_period=T, max_action_age=2.0))
+    state(servo, rb, start_q(rb), 100.0)
+    v = [0.02, 0, 0]
+    assert servo.on_twist(99.5, v, [0, 0, 0], now=100.0).command is not None
+    for stamp, now, why in [
+        (99.5, 100.1, "duplicate"),  # same action again
+        (99.3, 100.1, "duplicate"),  # out of order
+        (97.9, 100.1, "stale"),  # 2.2 s old > max_action_age
+        (101.0, 100.1, "future"),
+    ]:
+        state(servo, rb, start_q(rb), now)
+        res = servo.on_twist(stamp, v, [0, 0, 0], now=now)
+        assert res.command is None and res.reason.startswith(why), (stamp, res.reason)
+    res = servo.on_twist(100.2, [float("nan"), 0, 0], [0, 0, 0], now=100.2)
+    assert res.command is None and "NaN" in res.reason
+    res = servo.on_twist(100.2, [0.9, 0, 0], [0, 0, 0], now=100.2)  # 18 cm in one step
+    assert res.command is None and res.reason.startswith("too large")
+    assert servo.stats.applied == 1 and sum(servo.stats.dropped.values()) == 6
+
+
+def test_no_or_stale_joint_states_hold():
+    rb = load_robot("fr3")
+    servo = Servo(rb, Kinematics(rb), ServoConfig(step_period=T, state_timeout=0.5))
+    assert servo.on_twist(1.0, [0.01, 0, 0], [0, 0, 0], now=1.0).reason == "no joint states yet"
+    state(servo, rb, rb.home, 1.0)
+    res = servo.on_twist(2.0, [0.01, 0, 0], [0, 0, 0], now=2.0)
+    assert res.command is None and res.reason.startswith("joint states stale")
+    assert not servo.update_state(["fr3_joint1"], [0.0], 2.0)  # missing arm joints refused
+
+
+def test_ik_failure_holds_and_does_not_advance_the_target():
+    rb = load_robot("wx250s")
+    kin = Kinematics(rb)
+    servo = Servo(rb, kin, ServoConfig(robot=rb.name, step_period=T, max_delta_pos=2.0))
+    q0 = start_q(rb)
+    state(servo, rb, q0, 0.0)
+    q1 = arm(servo.on_twist(0.01, [0.05, 0, 0], [0, 0, 0], now=0.01).command, rb)
+    res = servo.on_twist(0.2, [4.0, 0, 0], [0, 0, 0], now=0.2)  # 0.8 m further out: beyond reach
+    assert res.command is None and res.reason.startswith("ik failed")
+    assert np.allclose(servo.target_q, q1)
+    q2 = arm(servo.on_twist(0.4, [0, 0, 0.05], [0, 0, 0], now=0.4).command, rb)
+    check_delta(kin, q1, q2, [0, 0, 0.01], np.zeros(3))
+
+
+def test_late_twist_is_counted_and_the_arm_held_in_between():
+    rb = load_robot("panda")
+    servo = Servo(rb, Kinematics(rb), ServoConfig(robot="panda", step_period=T))
+    state(servo, rb, rb.home, 0.0)
+    servo.on_twist(0.0001, [0.01, 0, 0], [0, 0, 0], now=0.0)
+    state(servo, rb, rb.home, 0.15)
+    servo.on_twist(0.15, [0.01, 0, 0], [0, 0, 0], now=0.15)  # early: no hold
+    state(servo, rb, rb.home, 0.9)
+    servo.on_twist(0.9, [0.01, 0, 0], [0, 0, 0], now=0.9)  # after 0.35 s with nothing new: held
+    assert servo.stats.applied == 3 and servo.stats.held_late == 1
+    assert servo.last_spacing == pytest.approx(0.75)
+
+
+def test_gripper_maps_to_metres_and_updates_the_running_step():
+    rb = load_robot("fr3")
+    servo = Servo(rb, Kinematics(rb), ServoConfig(step_period=T))
+    state(servo, rb, rb.home, 0.0, finger=0.04)
+    # gripper alone: arm holds the measured position, finger 0.5 -> 0.02 m
+    res = servo.on_gripper(0.5, 0.0, now=0.0)
+    assert res.reason == "gripper"
+    assert res.command.joint_names == rb.arm_joints + (rb.gripper.joint,)
+    assert np.allclose(res.command.positions[0], list(rb.home) + [0.02])
+    assert servo.on_gripper(0.5, 0.0, now=0.01).command is None  # unchanged: nothing to send
+    cmd = servo.on_twist(0.05, [0.02, 0, 0], [0, 0, 0], now=0.05).command
+    assert cmd.positions[-1, -1] == pytest.approx(0.02)
+    res = servo.on_gripper(0.0, 0.0, now=0.15)  # 0.1 s into the step: the remaining 0.1 s re-sent
+    assert res.command.times == (pytest.approx(0.1),)
+    assert np.allclose(res.command.positions[0, :-1], cmd.positions[-1, :-1])
+    assert res.command.positions[0, -1] == pytest.approx(rb.gripper.closed)
+    assert servo.on_gripper(float("inf"), 0.0, now=0.2).command is None
+
+
+def test_finger_joint_absent_until_known():
+    rb = load_robot("wx250s")
+    servo = Servo(rb, Kinematics(rb), ServoConfig(robot="wx250s", step_period=T))
+    state(servo, rb, start_q(rb), 0.0)  # joint states without the finger
+    cmd = servo.on_twist(0.01, [0.01, 0, 0], [0, 0, 0], now=0.01).command
+    assert cmd.joint_names == rb.arm_joints
+    servo.on_gripper(1.0, 0.0, now=0.02)
+    cmd = servo.on_twist(0.2, [0.01, 0, 0], [0, 0, 0], now=0.2).command
+    assert cmd.joint_names[-1] == "left_finger" and cmd.positions[-1, -1] == pytest.approx(0.037)
+
+
+def test_apply_delta_is_base_frame_left_multiplication():
+    pose = np.eye(4)
+    pose[:3, :3] = rv2m([0.0, 0.0, np.pi / 2])
+    out = apply_delta(pose, [0.1, 0, 0], [np.pi / 2, 0, 0])
+    assert np.allclose(out[:3, 3], [0.1, 0, 0])
+    assert np.allclose(out[:3, :3], rv2m([np.pi / 2, 0, 0]) @ rv2m([0, 0, np.pi / 2]))
+    assert dataclasses.is_dataclass(ServoConfig)

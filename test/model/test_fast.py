@@ -1,0 +1,354 @@
+"""The fast generation path (static KV cache, plain prefill/decode) against transformers' generate.
+
+All on generated random-weight checkpoints, fp32, CPU, one thread (bit-stable argmax).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+IMG, PAD, EOS = 128257, 128256, 128009
+# Llama-3 chat layout as Magma's robot prompt (double BOS, <image_start> <image> <image_end>)
+HEAD = [128000, 128000, 128006, 9125, 128007, 271, 2675, 527, 8479, 430, 649, 1518, 11, 3137, 323, 1180, 13,
+        128009, 128006, 882, 128007, 271, 128259]
+TAIL_START = [128260, 198, 3923, 1957, 1288, 279, 12585, 1935, 311]
+TAIL_END = [128009, 128006, 78191, 128007, 271]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from magma_ros.model.checkpoint import write_tiny_checkpoint
+    from magma_ros.model.magma import MagmaModel
+
+    d = write_tiny_checkpoint(tmp_path_factory.mktemp("fast") / "tiny", seed=3, tokenizer=False)
+    return MagmaModel.from_pretrained(d)
+
+
+def prompt(words, image=True):
+    return HEAD + ([IMG] if image else []) + TAIL_START + list(words) + TAIL_END
+
+
+def batch(rows):
+    """Left-pad id lists → input_ids, attention_mask (B, T)."""
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = torch.tensor(r)
+        mask[i, n - len(r):] = 1
+    return ids, mask
+
+
+def images(*seeds, sizes=None):
+    """Random normalized crops: pixel_values (B, max_crops, 3, 512, 512), image_sizes (B, 1, 2)."""
+    sizes = sizes or [(1, 1)] * len(seeds)
+    nc = max(r * c for r, c in sizes)
+    pv = torch.zeros(len(seeds), nc, 3, 512, 512)
+    for i, (s, (r, c)) in enumerate(zip(seeds, sizes)):
+        pv[i, : r * c] = torch.randn(r * c, 3, 512, 512, generator=torch.Generator().manual_seed(s))
+    return pv, torch.tensor([[list(rc)] for rc in sizes])
+
+
+@pytest.fixture(scope="module")
+def fast(model):
+    from magma_ros.model.fast import FastGenerator
+
+    return FastGenerator(model, max_seq_len=64, max_batch=2)  # deliberately small: the cache grows
+
+
+WORDS_A = [5675, 1672, 649]
+WORDS_B = [3820, 279, 6437, 7479, 1022, 279, 2007]
+
+
+@pytest.mark.parametrize("case", ["image_b1", "text_b1", "image_left_padded_b2", "text_left_padded_b2",
+                                  "image_grids_b2"])
+def test_fast_tokens_equal_plain_generate(model, fast, case):
+    if case == "image_b1":
+        ids, mask = batch([prompt(WORDS_A)])
+        pv, sizes = images(1)
+    elif case == "text_b1":
+        ids, mask = batch([prompt(WORDS_A, image=False)])
+        pv = sizes = None
+    elif case == "image_left_padded_b2":
+        ids, mask = batch([prompt(WORDS_A), prompt(WORDS_B)])
+        pv, sizes = images(1, 2)
+    elif case == "text_left_padded_b2":
+        ids, mask = batch([prompt(WORDS_B, image=False), prompt(WORDS_A, image=False)])
+        pv = sizes = None
+    else:  # different crop grids: the merged rows differ in length even with equal text lengths
+        ids, mask = batch([prompt(WORDS_A), prompt(WORDS_A[::-1])])
+        pv, sizes = images(4, 5, sizes=[(1, 1), (1, 2)])
+    assert (not bool(mask.all())) == case.endswith("padded_b2")
+    ref = model.generate_plain(ids, mask, pv, sizes, max_new_tokens=10)
+    out = fast.generate(ids, mask, pv, sizes, max_new_tokens=10)
+    assert out.shape == ref.shape == (ids.shape[0], 10)
+    assert out.dtype == torch.long
+    assert torch.equal(out, ref), (out, ref)
+    # the rows differ from each other (a broken mask or position would usually make them collapse)
+    if ids.shape[0] == 2:
+        assert not torch.equal(out[0], out[1])
+
+
+def test_vectorized_merge_equals_the_models_merge_bit_for_bit(model):
+    from magma_ros.model.fast import merge_one_image_per_row
+
+    for rows, seeds, grids in [([prompt(WORDS_A)], (1,), None),
+                               ([prompt(WORDS_A), prompt(WORDS_B)], (1, 2), None),
+                               ([prompt(WORDS_B), prompt(WORDS_A)], (4, 5), [(1, 2), (2, 1)]),
+                               ([prompt(WORDS_A), prompt(WORDS_B)], (4, 5), [(1, 1), (1, 2)])]:
+        ids, mask = batch(rows)
+        pv, sizes = images(*seeds, sizes=grids)
+        got = merge_one_image_per_row(model, model.vision_tower, ids, mask, pv, sizes)
+        ref = model.prepare_inputs_embeds(ids, mask, pv, sizes)
+        for a, b in zip(got, ref):
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    # not its case → None (the generator then uses the model's own merge)
+    ids, mask = batch([prompt(WORDS_A, image=False)])
+    assert merge_one_image_per_row(model, model.vision_tower, ids, mask, *images(1)) is None
+
+
+def test_fast_path_has_no_host_sync_inside_the_decode_loop(model, fast, monkeypatch):
+    """Tokens stay on the device between steps: .item()/.tolist()/bool() are not called per step."""
+    import magma_ros.model.fast as fm
+
+    calls = []
+    real_pick = fm.pick
+
+    def spy(logits, *a):
+        tok = real_pick(logits, *a)
+        calls.append(type(tok))
+        return tok
+
+    monkeypatch.setattr(fm, "pick", spy)
+    ids, mask = batch([prompt(WORDS_A)])
+    pv, sizes = images(1)
+    with torch.autograd.profiler.profile() as prof:
+        fast.generate(ids, mask, pv, sizes, max_new_tokens=7)
+    assert calls == [torch.Tensor] * 7
+    # _local_scalar_dense is what every device→host read (item, bool, int) runs; the count must not
+    # grow with the number of steps
+    n7 = sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+    with torch.autograd.profiler.profile() as prof:
+        fast.generate(ids, mask, pv, sizes, max_new_tokens=14)
+    n14 = sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+    assert n14 == n7
+
+
+class _Only:
+    """transformers logits processor: only ``ids`` (per step) may be generated."""
+
+    def __init__(self, per_step, prompt_len):
+        self.per_step, self.prompt_len = per_step, prompt_len
+
+    def __call__(self, input_ids, scores):
+        t = input_ids.shape[1] - self.prompt_len
+        ids = self.per_step[t] if t < len(self.per_step) else None
+        if ids is None:
+            return scores
+        keep = torch.full_like(scores, float("-inf"))
+        keep[:, ids] = 0
+        return scores + keep
+
+
+def test_constrained_mode_emits_only_allowed_ids_and_matches_a_masked_generate(model, fast):
+    from transformers import LogitsProcessorList
+
+    action_ids = list(range(127744, 128000))
+    ids, mask = batch([prompt(WORDS_A), prompt(WORDS_B)])
+    pv, sizes = images(7, 8)
+    free = fast.generate(ids, mask, pv, sizes, max_new_tokens=7)
+    assert not bool(torch.isin(free, torch.tensor(action_ids)).all())  # random weights: not actions
+    out = fast.generate(ids, mask, pv, sizes, max_new_tokens=7, allowed_token_ids=action_ids)
+    assert out.shape == (2, 7)
+    assert bool(torch.isin(out, torch.tensor(action_ids)).all())
+    # the same as restricting transformers' generate (with inputs_embeds its ids start empty)
+    ref = model.generate_plain(ids, mask, pv, sizes, max_new_tokens=7,
+                               logits_processor=LogitsProcessorList([_Only([action_ids] * 7, 0)]))
+    assert torch.equal(out, ref)
+    # per-step spec: 7 action positions, then EOS only → every row finishes → generation stops
+    per_step = [action_ids] * 7 + [[EOS]]
+    out = fast.generate(ids, mask, pv, sizes, max_new_tokens=12, allowed_token_ids=per_step)
+    assert out.shape == (2, 8)
+    assert bool((out[:, 7] == EOS).all()) and bool(torch.isin(out[:, :7], torch.tensor(action_ids)).all())
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        fast.generate(ids, mask, pv, sizes, max_new_tokens=2, allowed_token_ids=[10**9])
+
+
+def test_rows_after_eos_are_padded_like_generate(model, fast):
+    from transformers import LogitsProcessorList
+
+    ids, mask = batch([prompt(WORDS_A), prompt(WORDS_B)])
+    pv, sizes = images(9, 10)
+    # step 2 may only emit EOS or one other id: whichever each row prefers; rows differ
+    free = fast.generate(ids, mask, pv, sizes, max_new_tokens=6)
+    per_step = [None, None, [EOS, int(free[1, 2])], None, None, None]
+    out = fast.generate(ids, mask, pv, sizes, max_new_tokens=6, allowed_token_ids=per_step)
+    ref = model.generate_plain(ids, mask, pv, sizes, max_new_tokens=6,
+                               logits_processor=LogitsProcessorList([_Only(per_step, 0)]))
+    assert torch.equal(out, ref)
+    for r in range(2):
+        hit = (out[r] == EOS).nonzero()
+        if len(hit):
+            assert bool((out[r, int(hit[0]) + 1:] == PAD).all())
+
+
+def test_prefix_kv_reuse_gives_the_same_tokens_as_no_reuse(model):
+    from magma_ros.model.fast import FastGenerator
+
+    with_reuse = FastGenerator(model, max_batch=2)
+    without = FastGenerator(model, max_batch=2, reuse_prefix=False)
+    for seeds, rows in [((11,), [prompt(WORDS_A)]), ((12,), [prompt(WORDS_B)]),
+                        ((13, 14), [prompt(WORDS_B), prompt(WORDS_A)])]:
+        ids, mask = batch(rows)
+        pv, sizes = images(*seeds)
+        a = with_reuse.generate(ids, mask, pv, sizes, max_new_tokens=8)
+        b = without.generate(ids, mask, pv, sizes, max_new_tokens=8)
+        assert torch.equal(a, b)
+    # one prefix (system prompt + user header + <image_start>), computed once, reused afterwards
+    assert list(with_reuse._prefix_cache) == [tuple(HEAD)]
+    assert not without._prefix_cache
+    # the cached prefix KV is what a full prefill (batch 1, no padding) writes at those slots
+    ids, mask = batch([prompt(WORDS_A)])
+    without.generate(ids, mask, *images(15), max_new_tokens=1)
+    k_full = without.engine.k_cache[:, 0, :, : len(HEAD)]
+    assert torch.allclose(with_reuse._prefix_cache[tuple(HEAD)][0], k_full, atol=1e-5)
+
+
+def test_llama3_rope_scaling_and_gqa_head_dim_follow_transformers():
+    """A bare LlamaForCausalLM (llama3 rope scaling, head_dim != hidden/heads, 1 kv head) behind the
+    same embeds interface: the engine takes RoPE and shapes from the checkpoint, not from defaults."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from magma_ros.model.fast import FastGenerator
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 16},
+                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    lm = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "q_proj" in n or "k_proj" in n:
+                p.mul_(20)  # sharp attention: wrong positions change the argmax
+
+    class TextOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.language_model = lm
+
+        def prepare_inputs_embeds(self, input_ids, attention_mask, pixel_values=None, image_sizes=None):
+            pos = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+            return lm.get_input_embeddings()(input_ids) * attention_mask[..., None], attention_mask, pos
+
+    m = TextOnly()
+    g = FastGenerator(m, max_batch=2)
+    assert abs(float(lm.model.rotary_emb.inv_freq[-1]) - float(g.engine.inv_freq[-1])) == 0
+    ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    emb, mk, _ = m.prepare_inputs_embeds(ids, mask)
+    ref = lm.generate(inputs_embeds=emb, attention_mask=mk, do_sample=False, max_new_tokens=12,
+                      pad_token_id=0, eos_token_id=2)
+    assert torch.equal(g.generate(ids, mask, max_new_tokens=12), ref)
+
+
+def test_int8_weight_only_stays_close_to_fp32_and_both_paths_agree(tmp_path):
+    from magma_ros.model.checkpoint import write_tiny_checkpoint
+    from magma_ros.model.fast import FastGenerator
+    from magma_ros.model.magma import MagmaModel
+    from magma_ros.model.quant import Int8Linear
+
+    d = write_tiny_checkpoint(tmp_path / "ckpt", seed=5, tokenizer=False, hidden_size=64, intermediate_size=128,
+                              num_attention_heads=4, num_key_value_heads=2)
+    ref_model = MagmaModel.from_pretrained(d)
+    q_model = MagmaModel.from_pretrained(d)
+    g = FastGenerator(q_model, quant="int8", max_batch=2)
+    assert g.quant_backend == "native"
+    lins = [m for m in q_model.language_model.modules() if isinstance(m, Int8Linear)]
+    assert len(lins) == 7 * 2 + 1  # q k v o gate up down per layer, lm_head
+    assert all(m.weight.dtype == torch.int8 for m in lins)
+    ids, mask = batch([prompt(WORDS_A), prompt(WORDS_B)])
+    pv, sizes = images(21, 22)
+    lo_ref = ref_model(ids, mask, pv, sizes, logits_to_keep=1).logits[:, -1]  # (B, V)
+    lo_q = q_model(ids, mask, pv, sizes, logits_to_keep=1).logits[:, -1]
+    err = (lo_q - lo_ref).abs().max() / lo_ref.abs().max()
+    cos = torch.nn.functional.cosine_similarity(lo_q, lo_ref, dim=-1)
+    assert float(err) < 0.05 and float(cos.min()) > 0.999, (float(err), cos)
+    assert not torch.equal(lo_q, lo_ref)  # it really is quantized
+    # fast and plain run the same quantized weights → the same tokens
+    assert torch.equal(g.generate(ids, mask, pv, sizes, max_new_tokens=7),
+                       q_model.generate_plain(ids, mask, pv, sizes, max_new_tokens=7))
+    # the first token (from the same prefill) agrees with fp32 on this checkpoint
+    first_ref = ref_model.generate_plain(ids, mask, pv, sizes, max_new_tokens=1)
+    assert torch.equal(g.generate(ids, mask, pv, sizes, max_new_tokens=1), first_ref)
+
+
+def test_int8_and_int4_linear_error_bounds():
+    from magma_ros.model.quant import Int4Linear, Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=True)
+    x = torch.randn(5, 256)
+    q8 = Int8Linear.from_linear(lin)
+    scale = lin.weight.abs().amax(1) / 127  # (out,)
+    bound = (x.abs().sum(1, keepdim=True) * scale / 2) + 1e-5  # rounding error ≤ scale/2 per weight
+    assert bool(((q8(x) - lin(x)).abs() <= bound).all())
+    q4 = Int4Linear.from_linear(lin, group_size=64)
+    assert q4.packed.dtype == torch.uint8 and q4.packed.shape == (96, 128)
+    w4 = q4.dequantize(torch.float32)
+    g = lin.weight.view(96, 4, 64)
+    step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(64, 1)
+    assert bool(((w4 - lin.weight).abs() <= step / 2 + 1e-6).all())
+    with torch.no_grad():
+        y4, y = q4(x), lin(x)
+    assert float(torch.nn.functional.cosine_similarity(y4.flatten(), y.flatten(), dim=0)) > 0.99
+
+
+def test_int4_native_runs_end_to_end(model, tmp_path):
+    from magma_ros.model.checkpoint import write_tiny_checkpoint
+    from magma_ros.model.fast import FastGenerator
+    from magma_ros.model.magma import MagmaModel
+
+    d = write_tiny_checkpoint(tmp_path / "ckpt", seed=3, tokenizer=False)
+    m = MagmaModel.from_pretrained(d)
+    g = FastGenerator(m, quant="int4")
+    assert g.quant_backend == "native"
+    ids, mask = batch([prompt(WORDS_A)])
+    pv, sizes = images(1)
+    out = g.generate(ids, mask, pv, sizes, max_new_tokens=7)
+    assert out.shape == (1, 7)
+    assert torch.equal(out, m.generate_plain(ids, mask, pv, sizes, max_new_tokens=7))
+    with pytest.raises(ValueError, match="unknown quantization"):
+        FastGenerator(m, quant="int3")
+
+
+def test_benchmark_cli_ends_with_a_json_line(tmp_path):
+    """The benchmark's smoke mode: both paths, same weights, one JSON summary line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "policy_step.py"), "--device", "cpu",
+                        "--checkpoint", "tiny", "--iters", "1", "--warmup", "0", "--no-write",
+                        "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"device", "fast_hz", "plain_hz", "speedup", "tokens_equal"} <= set(last)
+    assert last["device"] == "cpu" and last["tokens_equal"] is True
+    assert np.isfinite(last["fast_hz"]) and last["fast_hz"] > 0

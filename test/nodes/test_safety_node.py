@@ -1,0 +1,430 @@
+"""Safety node over real DDS, in its own process: start-up, streams, bad messages, e-stop, reset,
+teleop priority and hand-back, watchdogs, use_sim_time, every output interface.
+
+Every arm output a test receives is also run through an independent LimitChecker: no output may
+ever break the robot's position / velocity / acceleration / jerk limits for its period.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from magma_ros.core.robot import NORMALIZED_GRIPPER, load_robot
+from magma_ros.core.safety import LimitChecker, SafetyConfig, SafetyFilter
+
+
+def stamp_of(t: float):
+    from builtin_interfaces.msg import Time
+
+    return Time(sec=int(math.floor(t)), nanosec=int(round((t - math.floor(t)) * 1e9)) % 1_000_000_000)
+
+
+def dur(t: float):
+    from builtin_interfaces.msg import Duration
+
+    return Duration(sec=int(t), nanosec=int(round((t - int(t)) * 1e9)))
+
+
+class Probe:
+    """The rest of the graph: a perfectly tracking arm (joint states = last output), command sources,
+    e-stop, services, and collectors for every safety output."""
+
+    def __init__(self, node, robot, params: dict, ns: str = "", js_topic: str | None = None,
+                 controller: str = "jtc", sim_rate: float | None = None):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+        from rosgraph_msgs.msg import Clock
+        from sensor_msgs.msg import JointState
+        from std_msgs.msg import Empty, Float64MultiArray, String
+        from std_srvs.srv import Trigger
+        from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+        self.node, self.r = node, robot
+        self._JS, self._JT, self._JTP = JointState, JointTrajectory, JointTrajectoryPoint
+        self._C, self._E = Clock, Empty
+        cfg = SafetyConfig(**{k: v for k, v in params.items() if k in SafetyConfig.__dataclass_fields__})
+        self.filter = SafetyFilter(robot, cfg)  # only for its limits (checker)
+        self.checker = LimitChecker(self.filter)
+        self.dt = self.filter.dt
+        self.q = robot.home.copy()  # measured arm position
+        self.finger = robot.gripper.open
+        self.feed = True  # publish joint states
+        self.sag = None  # fixed measured offset from the output (None: perfect tracking)
+        self.sim_rate = sim_rate  # sim seconds per wall second (None: real time)
+        self.sim_t = 100.0
+        self._last_wall = time.monotonic()
+        self.outs: list[tuple[float, np.ndarray]] = []  # (wall time received, positions)
+        self.grip: list[float] = []
+        self.states: list[str] = []
+        self.sources: list[str] = []
+        self.diags: list = []
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        p = ns.rstrip("/") + "/" if ns else ""
+        self.js_pub = node.create_publisher(JointState, js_topic or p + robot.joint_states_topic, 10)
+        self.policy_pub = node.create_publisher(JointTrajectory, p + "magma/joint_command", 10)
+        self.teleop_pub = node.create_publisher(JointTrajectory, p + "teleop/joint_command", 10)
+        self.estop_pub = node.create_publisher(Empty, p + "safety/estop", latched)
+        self.clock_pub = node.create_publisher(Clock, "/clock", 10)
+        if controller == "jtc":
+            node.create_subscription(JointTrajectory, p + robot.arm_controller + "/joint_trajectory",
+                                     self._on_jtc, 1000)
+        elif controller == "forward":
+            node.create_subscription(Float64MultiArray, p + robot.forward_controller + "/commands",
+                                     lambda m: self._on_out(np.array(m.data)), 1000)
+        else:
+            node.create_subscription(JointState, p + "joint_command", self._on_isaac, 1000)
+        node.create_subscription(JointTrajectory, p + robot.gripper_controller + "/joint_trajectory",
+                                 lambda m: self.grip.append(m.points[0].positions[0]), 1000)
+        node.create_subscription(String, p + "safety/state", lambda m: self.states.append(m.data), latched)
+        node.create_subscription(String, p + "safety/source", lambda m: self.sources.append(m.data), latched)
+        node.create_subscription(DiagnosticArray, p + "diagnostics", lambda m: self.diags.extend(m.status),
+                                 100)
+        self.reset_cli = node.create_client(Trigger, p + "safety/reset")
+        self.resume_cli = node.create_client(Trigger, p + "safety/resume_policy")
+        self._Trigger = Trigger
+        self.last_isaac = None
+        self.restart_next = False
+
+    # ------------------------------------------------------------------------------------- outputs
+    def _on_out(self, q: np.ndarray) -> None:
+        if not self.outs or (self.restart_next and not np.array_equal(q, self.outs[-1][1])):
+            self.checker.restart(q)  # start-up / reset: motion restarts at rest from the measured position
+            self.restart_next = False
+        bad = self.checker.check(q)
+        assert not bad, bad
+        self.outs.append((time.monotonic(), q))
+        if self.sag is None:
+            self.q = q.copy()
+
+    def _on_jtc(self, m) -> None:
+        assert list(m.joint_names) == list(self.r.arm_joints)
+        assert m.header.stamp.sec == 0 and m.header.stamp.nanosec == 0  # start now
+        t0 = m.points[0].time_from_start
+        assert abs(t0.sec + t0.nanosec * 1e-9 - self.dt) < 1e-9  # one output period
+        self._on_out(np.array(m.points[0].positions))
+        self.last_tail = [np.array(p.positions) for p in m.points]
+
+    def _on_isaac(self, m) -> None:
+        self.last_isaac = m
+        n = self.r.dof
+        assert list(m.name[:n]) == list(self.r.arm_joints)
+        self._on_out(np.array(m.position[:n]))
+
+    # --------------------------------------------------------------------------------------- time
+    def now(self) -> float:
+        if self.sim_rate is not None:
+            return self.sim_t
+        return time.time()
+
+    def tick(self) -> None:
+        if self.sim_rate is not None:
+            w = time.monotonic()
+            self.sim_t += (w - self._last_wall) * self.sim_rate
+            self._last_wall = w
+            self.clock_pub.publish(self._C(clock=stamp_of(self.sim_t)))
+        if self.feed:
+            m = self._JS()
+            m.header.stamp = stamp_of(self.now())
+            m.name = list(self.r.arm_joints) + [self.r.gripper.joint]
+            q = self.q if self.sag is None else self.sag
+            m.position = [float(x) for x in q] + [float(self.finger)]
+            self.js_pub.publish(m)
+
+    def wait(self, pred, timeout: float = 10.0) -> bool:
+        last = [0.0]
+
+        def p():
+            if time.monotonic() - last[0] > 0.02:
+                last[0] = time.monotonic()
+                self.tick()
+            return pred()
+
+        return self.node.spin_until(p, timeout, step=0.005)
+
+    def sleep(self, seconds: float) -> None:
+        self.wait(lambda: False, seconds)
+
+    # ---------------------------------------------------------------------------------- commands
+    def command(self, positions, times, source="policy", names=None, stamp: float | None = None):
+        m = self._JT()
+        m.header.stamp = stamp_of(self.now() if stamp is None else stamp)
+        m.joint_names = list(self.r.arm_joints) if names is None else list(names)
+        for q, t in zip(positions, times):
+            m.points.append(self._JTP(positions=[float(x) for x in q], time_from_start=dur(t)))
+        (self.teleop_pub if source == "teleop" else self.policy_pub).publish(m)
+
+    def call(self, which: str):
+        cli = self.reset_cli if which == "reset" else self.resume_cli
+        assert cli.wait_for_service(timeout_sec=10.0)
+        fut = cli.call_async(self._Trigger.Request())
+        assert self.wait(fut.done, 10.0)
+        return fut.result()
+
+    # ---------------------------------------------------------------------------------- helpers
+    def last(self) -> np.ndarray:
+        return self.outs[-1][1]
+
+    def state(self) -> str:
+        return self.states[-1] if self.states else ""
+
+    def source(self) -> str:
+        return self.sources[-1] if self.sources else ""
+
+    def wait_state(self, pred, timeout=10.0) -> bool:
+        return self.wait(lambda: bool(self.states) and pred(self.states[-1]), timeout)
+
+
+def start(nodes, robot="fr3", controller="jtc", ns=None, remaps=None, **params):
+    params = {"robot": robot, "controller": controller, **params}
+    proc = nodes.start("safety", params=params, namespace=ns, remaps=remaps)
+    return proc, params
+
+
+def alive(nodes, proc, probe, timeout=30.0):
+    """Wait for the node's latched state (it is up and discovered)."""
+    ok = probe.wait(lambda: bool(probe.states) or proc.poll() is not None, timeout)
+    assert ok and proc.poll() is None, nodes.log(proc)
+
+
+def moving(probe, d, duration=1.0):
+    """Stream a min-jerk move of home + d (inside every limit) as 10 Hz chunks of 10 ms points."""
+    q0 = probe.last().copy()
+    n = int(round(duration / 0.01))
+    s = np.linspace(0.0, 1.0, n + 1)
+    ref = q0 + np.outer(10 * s**3 - 15 * s**4 + 6 * s**5, d)  # [n+1, dof]
+    return ref
+
+
+# ====================================================================================== the tests
+def test_startup_in_limit_stream_gripper_and_bad_messages(nodes, rclpy_node):
+    r = load_robot("fr3")
+    proc, params = start(nodes, state_timeout=1.0, command_timeout=1.0)
+    probe = Probe(rclpy_node, r, params)
+    probe.feed = False
+    alive(nodes, probe=probe, proc=proc)
+    # start-up: nothing is sent before joint states, even with a valid command waiting
+    assert probe.wait_state(lambda s: s == "waiting")
+    probe.command([r.home + 0.05], [0.5])
+    probe.sleep(1.0)
+    assert probe.outs == [] and probe.state() == "waiting"
+    # fresh joint states -> hold at the measured position
+    probe.feed = True
+    assert probe.wait(lambda: len(probe.outs) > 5, 10.0), nodes.log(proc)
+    np.testing.assert_array_equal(probe.last(), r.home)
+    assert probe.wait_state(lambda s: s == "holding:waiting for command")
+    assert probe.source() == "hold"
+
+    # bad messages: no motion at all, a diagnostic for each reason
+    now = probe.now
+    bad = [
+        ([r.home + [math.nan, 0, 0, 0, 0, 0, 0]], [0.2], None, None),
+        ([r.home + [0, 0, 0, 0, 0, 0, math.inf]], [0.2], None, None),
+        ([np.append(r.home[:6] + 0.1, 0.0)], [0.2], list(r.arm_joints[:6]) + ["elbow_joint"], None),
+        ([r.home[:6] + 0.1], [0.2], list(r.arm_joints[:6]), None),
+        ([r.home[:5] + 0.1], [0.2], None, None),
+        ([], [], None, None),
+        ([r.home + 0.1, r.home + 0.2], [0.3, 0.3], None, None),
+        ([r.home + 0.1], [0.2], None, now() - 3.0),
+        ([r.home + 0.1], [0.2], None, now() + 1.0),
+    ]
+    n_out = len(probe.outs)
+    for pts, ts, names, stamp in bad:
+        probe.command(pts, ts, names=names, stamp=stamp)
+        probe.command(pts, ts, names=names, stamp=stamp, source="teleop")
+    assert probe.wait(lambda: len(probe.outs) > n_out + 50, 10.0)
+    for _, q in probe.outs:
+        np.testing.assert_array_equal(q, r.home)
+    assert proc.poll() is None
+    msgs = " | ".join(s.message for s in probe.diags if s.level == b"\x01")
+    for needle in ("NaN/inf", "unknown joints", "missing joints", "wrong number", "empty trajectory",
+                   "strictly increasing", "stale command", "in the future"):
+        assert needle in msgs, msgs
+
+    # an in-limit stream reaches the controller unchanged (straight path, exact end point)
+    d = np.array([0.3, -0.2, 0.1, 0.2, 0.0, -0.1, 0.25])
+    ref = moving(probe, d, duration=1.2)
+    names = list(r.arm_joints) + [NORMALIZED_GRIPPER]
+    n_out = len(probe.outs)
+    t0 = probe.now() + 0.02
+    for k in range(0, len(ref) - 1, 10):  # 10 Hz chunks, each to the end of the move
+        pts = [np.append(q, 0.0) for q in ref[k + 1:]]  # and close the gripper
+        probe.command(pts, [(i + 1) * 0.01 for i in range(len(pts))], names=names, stamp=t0 + k * 0.01)
+        target = t0 + (k + 10) * 0.01
+        probe.wait(lambda target=target: probe.now() >= target, 2.0)
+    assert probe.wait(lambda: np.allclose(probe.last(), ref[-1], atol=1e-9, rtol=0), 5.0)
+    moved = np.array([q for _, q in probe.outs[n_out:]])
+    frac = (moved - r.home)[:, d != 0] / d[d != 0]
+    assert np.ptp(frac, axis=1).max() < 1e-6  # every output on the commanded straight path
+    assert len(moved) > 60  # streamed at the output rate, not one jump
+    assert probe.state() == "ok" and probe.source() == "policy"
+    # gripper: its own topic, rate-limited, towards closed (0.0 m)
+    assert probe.wait(lambda: probe.grip and probe.grip[-1] == pytest.approx(r.gripper.closed), 5.0)
+    steps = np.abs(np.diff([r.gripper.open] + probe.grip))
+    assert steps.max() <= r.gripper.velocity_max * probe.dt + 1e-9
+    # JTC streaming: each message carries a braking tail that ends at rest
+    assert len(probe.last_tail) >= 1
+    assert proc.poll() is None
+
+
+def test_teleop_priority_estop_reset_and_watchdogs(nodes, rclpy_node):
+    r = load_robot("fr3")
+    proc, params = start(nodes, state_timeout=1.0, command_timeout=1.0)
+    probe = Probe(rclpy_node, r, params)
+    alive(nodes, probe=probe, proc=proc)
+    assert probe.wait(lambda: len(probe.outs) > 3, 15.0), nodes.log(proc)
+    direction = np.array([1.0, -0.5, 0.5, 0.5, 1.0, -0.5, 1.0])
+
+    def policy_stream(seconds, source="policy", speed=0.4, until=None):
+        """Keep commanding a slow motion (0.1 s ahead, 10 Hz) from the current output."""
+        end = time.monotonic() + seconds
+        sign = 1.0
+        while time.monotonic() < end:
+            q = probe.last()
+            if abs(q[0] - r.home[0]) > 0.25:
+                sign = -np.sign(q[0] - r.home[0])
+            probe.command([q + sign * direction * speed * 0.15], [0.15], source=source)
+            if probe.wait(until or (lambda: False), 0.1) and until is not None:
+                return True
+        return False
+
+    assert policy_stream(5.0, until=lambda: probe.source() == "policy")
+    policy_stream(0.5)
+    assert np.max(np.abs(probe.last() - r.home)) > 0.02  # the policy moves the arm
+
+    # teleop wins at once, the policy is ignored while teleop drives
+    hold_here = probe.last().copy()
+    probe.command([hold_here], [0.2], source="teleop")
+    assert probe.wait(lambda: probe.source() == "teleop", 5.0)
+    for _ in range(5):
+        probe.command([probe.last()], [0.2], source="teleop")
+        probe.command([probe.last() + 0.1], [0.2], source="policy")
+        probe.sleep(0.1)
+    assert probe.source() == "teleop"
+    # teleop goes silent -> hold; the policy does not regain control by timeout
+    t_quiet = time.monotonic()
+    assert policy_stream(6.0, until=lambda: probe.state() == "holding:teleop timeout")
+    assert time.monotonic() - t_quiet > 0.9
+    policy_stream(1.5)
+    assert probe.source() == "hold"
+    held = probe.last().copy()
+    np.testing.assert_array_equal(probe.outs[-1][1], probe.outs[-5][1])  # standing still
+    # explicit hand-back
+    resp = probe.call("resume_policy")
+    assert resp.success, resp.message
+    assert policy_stream(5.0, until=lambda: probe.source() == "policy")
+    policy_stream(0.6)
+    assert np.max(np.abs(probe.last() - held)) > 0.01
+
+    # e-stop: latches at once, decelerates within the limits (checker), survives any stream
+    from std_msgs.msg import Empty
+
+    probe.command([probe.last() + direction * 0.3], [1.0])  # a steady 0.3 rad/s motion
+    probe.sleep(0.4)
+    n_before = len(probe.outs)
+    speed_before = np.linalg.norm(probe.outs[-1][1] - probe.outs[-2][1])
+    assert speed_before > 0.002
+    probe.estop_pub.publish(Empty())
+    t_estop = time.monotonic()
+    for _ in range(15):
+        probe.command([probe.last() + 0.2], [0.1], source="policy")
+        probe.command([probe.last() - 0.2], [0.1], source="teleop")
+        probe.sleep(0.1)
+    assert probe.wait_state(lambda s: s == "estopped", 5.0)
+    after = [q for w, q in probe.outs[n_before:]]
+    speeds = [np.linalg.norm(b - a) for a, b in zip([probe.outs[n_before - 1][1]] + after[:-1], after)]
+    # at most a couple of outputs were already in flight; from then on the speed only decreases
+    first_dec = next(i for i, s in enumerate(speeds) if s < 0.95 * speed_before)
+    assert first_dec <= 3, speeds[:6]
+    assert all(b <= a + 1e-12 for a, b in zip(speeds[first_dec:], speeds[first_dec + 1:]))
+    assert speeds[-1] == 0.0
+    latched = probe.last().copy()
+    stop_time = next(w for (w, q), s in zip(probe.outs[n_before:], speeds) if s == 0.0) - t_estop
+    assert stop_time < 2.0
+    # sagging measurement and more commands: the latched position is held
+    probe.sag = latched - 0.01
+    for _ in range(5):
+        probe.command([latched + 0.3], [0.1])
+        probe.sleep(0.1)
+    np.testing.assert_array_equal(probe.last(), latched)
+    assert not probe.call("resume_policy").success
+    # reset needs fresh joint states
+    probe.feed = False
+    probe.sleep(1.5)
+    resp = probe.call("reset")
+    assert not resp.success and "fresh" in resp.message
+    probe.feed = True
+    probe.sleep(0.3)
+    probe.restart_next = True
+    resp = probe.call("reset")
+    assert resp.success, resp.message
+    assert probe.wait(lambda: not np.array_equal(probe.last(), latched), 5.0)
+    np.testing.assert_array_equal(probe.last(), latched - 0.01)  # restarts from the measured position
+    probe.sag = None
+    assert probe.wait_state(lambda s: s.startswith("holding:"), 5.0)
+
+    # command watchdog: the policy stops -> hold, the target latches
+    assert policy_stream(5.0, until=lambda: probe.source() == "policy")
+    policy_stream(0.3)
+    assert probe.wait_state(lambda s: s == "holding:command timeout", 5.0)
+    assert probe.wait(lambda: np.array_equal(probe.outs[-1][1], probe.outs[-10][1]), 5.0)
+    # joint-state watchdog
+    assert policy_stream(5.0, until=lambda: probe.source() == "policy")
+    probe.feed = False
+    assert policy_stream(5.0, until=lambda: probe.state() == "holding:stale joint states")
+    assert proc.poll() is None
+
+
+def test_use_sim_time_slow_clock_isaac_namespace_remap(nodes, rclpy_node):
+    """/clock at a quarter of real time: commands 1.2 s apart in wall time (0.3 s in sim time) never
+    trip the 0.5 s watchdog, and outputs come at 100 Hz of *sim* time. Namespaced, remapped states."""
+    r = load_robot("wx250s")
+    ns = "/arm1"
+    proc, params = start(nodes, robot="wx250s", controller="isaac", ns=ns, use_sim_time=True,
+                         remaps={r.joint_states_topic: "/lab/arm1_states"})
+    probe = Probe(rclpy_node, r, params, ns=ns, js_topic="/lab/arm1_states", controller="isaac",
+                  sim_rate=0.25)
+    alive(nodes, probe=probe, proc=proc)
+    assert probe.wait(lambda: len(probe.outs) > 3, 15.0), nodes.log(proc)
+    m = probe.last_isaac
+    assert list(m.name) == list(r.arm_joints) + [r.gripper.joint, *r.gripper.mimic_joints]
+    assert m.position[-1] == pytest.approx(-m.position[-2])
+    target = r.home.copy()
+    target[0] = 0.2
+    probe.command([target], [0.25])
+    assert probe.wait(lambda: probe.source() == "policy", 10.0), nodes.log(proc)
+    n0, w0, s0 = len(probe.outs), time.monotonic(), probe.sim_t
+    for _ in range(4):  # every 1.2 s of wall time = 0.3 s of sim time
+        probe.sleep(1.2)
+        assert probe.state() == "ok", probe.states
+        probe.command([target], [0.25])
+    n, wall, sim = len(probe.outs) - n0, time.monotonic() - w0, probe.sim_t - s0
+    assert probe.state() == "ok" and probe.source() == "policy"
+    assert n < 0.6 * 100 * wall  # not paced by the wall clock (that would be ~100 per wall second)
+    assert 0.5 * 100 * sim < n < 1.5 * 100 * sim + 5, (n, sim)
+    np.testing.assert_allclose(probe.last(), target, atol=1e-9)
+    # the sim clock stops: the watchdogs do not fire and no time passes for the node
+    probe.sim_rate = 0.0
+    probe.sleep(1.5)
+    assert probe.state() == "ok"
+
+
+def test_forward_output_and_startup_errors(nodes, rclpy_node):
+    r = load_robot("panda")
+    proc, params = start(nodes, robot="panda", controller="forward", output_rate=50.0)
+    bad = nodes.start("safety", params={"robot": "pandaa"})
+    bad2 = nodes.start("safety", params={"robot": "fr3", "gripper_output": "franka"})
+    probe = Probe(rclpy_node, r, params, controller="forward")
+    alive(nodes, probe=probe, proc=proc)
+    assert probe.wait(lambda: len(probe.outs) > 3, 15.0), nodes.log(proc)
+    np.testing.assert_array_equal(probe.last(), r.home)  # URDF (arm_joints) order
+    tgt = r.home + 0.05
+    probe.command([tgt], [0.3])
+    assert probe.wait(lambda: np.allclose(probe.last(), tgt, atol=1e-9, rtol=0), 10.0)
+    assert bad.wait(30) == 2 and bad2.wait(30) == 2
+    assert "unknown robot 'pandaa' (did you mean 'panda'?)" in nodes.log(bad)
+    assert "franka_msgs" in nodes.log(bad2)

@@ -1,0 +1,136 @@
+"""Servo node over DDS in its own process: twist -> JointTrajectory, holds, gripper, use_sim_time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from magma_ros.core.kinematics import Kinematics, pose_error, rotvec_to_matrix
+from magma_ros.core.robot import load_robot
+
+T = 0.2
+
+
+def to_s(stamp) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def stamp_of(t: float):
+    from builtin_interfaces.msg import Time
+
+    return Time(sec=int(t), nanosec=int(round((t - int(t)) * 1e9)))
+
+
+class Probe:
+    """Publishes joint states continuously while waiting; collects servo output."""
+
+    def __init__(self, node, rb, sim_time: float | None = None):
+        from geometry_msgs.msg import TwistStamped
+        from rosgraph_msgs.msg import Clock
+        from sensor_msgs.msg import JointState
+        from std_msgs.msg import Float64
+        from trajectory_msgs.msg import JointTrajectory
+
+        self.node, self.rb = node, rb
+        self.q = rb.home.copy()
+        self.finger = 0.04
+        self.sim_time = sim_time
+        self.cmds: list = []
+        self.js_pub = node.create_publisher(JointState, rb.joint_states_topic, 10)
+        self.tw_pub = node.create_publisher(TwistStamped, "magma/ee_twist", 10)
+        self.g_pub = node.create_publisher(Float64, "magma/gripper", 10)
+        self.clock_pub = node.create_publisher(Clock, "/clock", 10)
+        node.create_subscription(JointTrajectory, "magma/joint_command", self.cmds.append, 10)
+        self._JS, self._TW, self._F, self._C = JointState, TwistStamped, Float64, Clock
+
+    def now(self) -> float:
+        if self.sim_time is not None:
+            return self.sim_time
+        return self.node.get_clock().now().nanoseconds * 1e-9
+
+    def tick(self):
+        if self.sim_time is not None:
+            self.sim_time += 0.005
+            self.clock_pub.publish(self._C(clock=stamp_of(self.sim_time)))
+        m = self._JS()
+        m.header.stamp = stamp_of(self.now())
+        m.name = list(self.rb.arm_joints) + [self.rb.gripper.joint]
+        m.position = [float(x) for x in self.q] + [self.finger]
+        self.js_pub.publish(m)
+
+    def wait(self, pred, timeout=10.0):
+        def p():
+            self.tick()
+            return pred()
+        return self.node.spin_until(p, timeout, step=0.005)
+
+    def twist(self, v, w, stamp: float, frame="fr3_link0"):
+        m = self._TW()
+        m.header.stamp = stamp_of(stamp)
+        m.header.frame_id = frame
+        m.twist.linear.x, m.twist.linear.y, m.twist.linear.z = v
+        m.twist.angular.x, m.twist.angular.y, m.twist.angular.z = w
+        self.tw_pub.publish(m)
+
+    def gripper(self, g: float):
+        self.g_pub.publish(self._F(data=g))
+
+
+def ready(probe, nodes, proc):
+    """Wait until the servo subscribes (discovery) and is alive."""
+    ok = probe.wait(lambda: probe.tw_pub.get_subscription_count() > 0
+                    and probe.js_pub.get_subscription_count() > 0, timeout=40.0)
+    assert ok and proc.poll() is None, nodes.dump()
+    probe.wait(lambda: False, timeout=0.5)  # a few joint states reach it
+
+
+def test_servo_node_turns_a_twist_into_one_step_of_joint_targets(nodes, rclpy_node):
+    rb = load_robot("fr3")
+    kin = Kinematics(rb)
+    proc = nodes.start("servo", {"robot": "fr3", "step_period": T})
+    probe = Probe(rclpy_node, rb)
+    ready(probe, nodes, proc)
+
+    v, w = (0.05, 0.0, -0.025), (0.0, 0.0, 0.2)
+    t_img = probe.now() - 0.8  # the action's image is 0.8 s old (slow inference): still accepted
+    probe.twist(v, w, t_img)
+    assert probe.wait(lambda: len(probe.cmds) >= 1, 10.0), nodes.dump()
+    m = probe.cmds[0]
+    assert list(m.joint_names) == list(rb.arm_joints) + ["fr3_finger_joint1"]
+    assert len(m.points) == 1
+    assert m.points[0].time_from_start.sec == 0 and m.points[0].time_from_start.nanosec == pytest.approx(2e8)
+    assert to_s(m.header.stamp) > t_img + 0.7  # stamped when made, not with the image's stamp
+    q = np.array(m.points[0].positions[:7])
+    want = kin.fk(rb.home)
+    want[:3, 3] += np.array(v) * T
+    want[:3, :3] = rotvec_to_matrix(np.array(w) * T) @ want[:3, :3]
+    dp, dr = pose_error(want, kin.fk(q))
+    assert np.linalg.norm(dp) < 2e-4 and np.linalg.norm(dr) < 2e-3
+    assert m.points[0].positions[7] == pytest.approx(0.04)  # measured finger until commanded
+
+    # never repeated; duplicates, stale actions and foreign frames hold (nothing new is sent)
+    probe.twist(v, w, t_img)
+    probe.twist(v, w, probe.now() - 3.0)
+    probe.twist(v, w, probe.now(), frame="camera_color_optical_frame")
+    probe.wait(lambda: False, timeout=1.5)
+    assert len(probe.cmds) == 1, [to_s(c.header.stamp) for c in probe.cmds]
+
+    # gripper: normalized 0 -> closed finger position in metres, arm keeps the last target
+    probe.gripper(0.0)
+    assert probe.wait(lambda: len(probe.cmds) >= 2, 10.0), nodes.dump()
+    g = probe.cmds[1]
+    assert g.points[-1].positions[7] == pytest.approx(rb.gripper.closed)
+    assert np.allclose(g.points[-1].positions[:7], q)
+    assert proc.poll() is None
+
+
+def test_servo_node_honours_use_sim_time(nodes, rclpy_node):
+    rb = load_robot("fr3")
+    proc = nodes.start("servo", {"robot": "fr3", "step_period": T, "use_sim_time": True})
+    probe = Probe(rclpy_node, rb, sim_time=1000.0)
+    ready(probe, nodes, proc)
+    # 1000 s is ~56 years before the wall clock: only a node on /clock time accepts it as fresh
+    probe.twist((0.0, 0.05, 0.0), (0.0, 0.0, 0.0), probe.now() - 0.1)
+    assert probe.wait(lambda: len(probe.cmds) >= 1, 10.0), nodes.dump()
+    stamp = to_s(probe.cmds[0].header.stamp)
+    assert 1000.0 < stamp <= probe.now() + 1e-6
