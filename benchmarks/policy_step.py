@@ -173,7 +173,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(step: Step, frames_list, iters: int, warmup: int, device, engines=("fast", "plain"), allowed=None):
+def measure(step: Step, frames_list, iters: int, warmup: int, device, engines=("fast", "plain"),
+            allowed=None):
     """Interleaved timings: {engine: [seconds]} and whether all tokens agreed across engines."""
     times = {e: [] for e in engines}
     equal = True
@@ -211,9 +212,10 @@ def _row(r: dict) -> str:
     peak = f"{r['peak_gb']:.2f}" if r.get("peak_gb") is not None else "–"
     plain = (f"{r['plain_p50_ms']:.1f} / {r['plain_p99_ms']:.1f}", f"{r['plain_hz']:.2f}",
              f"{r['speedup']:.2f}×") if r.get("plain_hz") else ("–", "–", "–")
-    return (f"| {r['device']} | {r['checkpoint']} | {r['dtype']} | {r['quant']} | {r['batch']} | {r['compile']} | "
-            f"{r['fast_p50_ms']:.1f} / {r['fast_p99_ms']:.1f} | {r['fast_hz']:.2f} | {plain[0]} | {plain[1]} | "
-            f"{plain[2]} | {r['actions_per_s']:.2f} | {peak} | {r['tokens_equal']} | {r['machine']} |")
+    return (f"| {r['device']} | {r['checkpoint']} | {r['dtype']} | {r['quant']} | {r['batch']} | "
+            f"{r['compile']} | {r['fast_p50_ms']:.1f} / {r['fast_p99_ms']:.1f} | {r['fast_hz']:.2f} | "
+            f"{plain[0]} | {plain[1]} | {plain[2]} | {r['actions_per_s']:.2f} | {peak} | "
+            f"{r['tokens_equal']} | {r['machine']} |")
 
 
 PREAMBLE = f"""## policy_step — one Magma policy step (image + instruction → 7-DoF action)
@@ -237,7 +239,8 @@ def write_rows(rows: list[dict]) -> None:
     """Merge ``rows`` into the section's table (same key → replaced), keep the other rows."""
     text = RESULTS.read_text() if RESULTS.exists() else ""
     m = re.search(rf"<!-- {SECTION}:begin -->(.*?)<!-- {SECTION}:end -->", text, re.S)
-    old = [ln for ln in (m.group(1).splitlines() if m else []) if ln.startswith("| cpu") or ln.startswith("| cuda")]
+    lines = m.group(1).splitlines() if m else []
+    old = [ln for ln in lines if ln.startswith(("| cpu", "| cuda"))]
     table = {tuple(c.strip() for c in ln.split("|")[1:7]): ln for ln in old}
     for r in rows:
         ln = _row(r)
@@ -251,7 +254,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--checkpoint", default="tiny", help="tiny | mid | full | PATH")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on cpu, bf16 on cuda)")
+    ap.add_argument("--dtype", default=None,
+                    help="float32 | bfloat16 | float16 (default: fp32 on cpu, bf16 on cuda)")
     ap.add_argument("--quant", default="none", help="comma list of none | int8 | int4")
     ap.add_argument("--batch", default="1", help="comma list of batch sizes (several arms per step)")
     ap.add_argument("--compile", default="auto", help="auto | none | default | reduce-overhead")
@@ -261,7 +265,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plain-iters", type=int, default=None, help="plain-path iterations on cuda full (slow)")
     ap.add_argument("--constrained", action="store_true", help="fast path only considers action tokens")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workdir", default=None, help="where tiny/mid checkpoints are written (default: a temp dir)")
+    ap.add_argument("--workdir", default=None,
+                    help="where tiny/mid checkpoints are written (default: a temp dir)")
     ap.add_argument("--no-write", action="store_true", help="do not touch benchmarks/RESULTS.md")
     a = ap.parse_args(argv)
 
@@ -273,7 +278,8 @@ def main(argv=None) -> int:
         return 2
     if a.threads:
         torch.set_num_threads(a.threads)
-    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, a.dtype) if a.dtype else default_dtype
     compile_mode = a.compile
     if compile_mode == "auto":
         compile_mode = "reduce-overhead" if device.type == "cuda" else "none"
@@ -305,12 +311,13 @@ def main(argv=None) -> int:
                 iters = a.plain_iters
             times, equal = measure(step, frames_list, iters, a.warmup, device, engines, allowed)
             f50, f99 = stats_ms(times["fast"])
+            peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
             r = dict(device=device.type, checkpoint=label, dtype=str(dtype).replace("torch.", ""),
                      quant=f"{quant}/{backend}" if quant else "none", batch=b, compile=compile_mode or "none",
                      fast_p50_ms=f50, fast_p99_ms=f99, fast_hz=1e3 / f50, actions_per_s=b * 1e3 / f50,
                      plain_p50_ms=None, plain_p99_ms=None, plain_hz=None, speedup=None,
                      tokens_equal=bool(equal) if "plain" in times else None, machine=mach,
-                     peak_gb=(torch.cuda.max_memory_allocated(device) / 1e9) if device.type == "cuda" else None,
+                     peak_gb=peak,
                      constrained=a.constrained)
             if "plain" in times:
                 p50, p99 = stats_ms(times["plain"])

@@ -113,7 +113,8 @@ class Kinematics:
 
     Args:
         robot: a :class:`RobotConfig` or a robot name / YAML path for :func:`load_robot`.
-        null_gain: gain of the null-space pull toward ``home`` on redundant arms (Franka) [1/iter].
+        null_gain: gain of the null-space pull toward ``home`` on redundant arms (Franka): each solve's
+            first step adds ``(I - J# J) * null_gain * (home - q)``, at most 0.05 rad per joint.
         damping_min: damping floor of the adaptive (Levenberg-Marquardt) damped least squares [m^2].
         max_step: largest joint step per iteration [rad].
         singular_tol: smallest singular value of the 6 x n Jacobian below which a configuration counts
@@ -122,6 +123,7 @@ class Kinematics:
 
     _LAM0 = 1e-3  # initial damping [m^2]
     _LAM_MAX = 1e4  # damping at which an attempt counts as stuck
+    _NULL_MAX = 0.05  # [rad] largest null-space pull per solve
     _SLOW_WINDOW = 12  # iterations over which the error must fall 4x, else the attempt counts as stuck
 
     def __init__(self, robot: RobotConfig | str, *, null_gain: float = 0.05, damping_min: float = 1e-6,
@@ -186,8 +188,8 @@ class Kinematics:
         # Reach bound for a quick "unreachable" answer: distance from the second joint's origin (the
         # shoulder) to the TCP is at most the sum of the offsets along the chain.
         jid = [model.getJointId(n) for n in cfg.arm_joints]
-        self._shoulder = (self._base_inv * self.data.oMi[jid[1]]).translation.copy() if self.n > 1 \
-            else np.zeros(3)
+        self.shoulder: np.ndarray = (self._base_inv * self.data.oMi[jid[1]]).translation.copy() \
+            if self.n > 1 else np.zeros(3)  # (3,) [m] origin of the second arm joint, base frame
         reach = sum(float(np.linalg.norm(model.jointPlacements[j].translation)) for j in jid[2:])
         f = model.frames[self._tcp]
         reach += float(np.linalg.norm(f.placement.translation))
@@ -278,7 +280,7 @@ class Kinematics:
         p_t = T[:3, 3]
         q0 = self.clip(self._check_q(q_seed, "q_seed"))
         # Quick answer: beyond the arm's reach bound.
-        if np.linalg.norm(p_t - self._shoulder) > self.reach + pos_tol:
+        if np.linalg.norm(p_t - self.shoulder) > self.reach + pos_tol:
             pe, re = self._err(q0, p_t, R_t)
             return IKResult(q0, False, "unreachable", pe, re, 0)
 
@@ -364,6 +366,9 @@ class Kinematics:
             if null:
                 # Null-space pull toward home: (I - J# J) z with the damped pseudo-inverse J#.
                 z = self._null_scale * (self.home - q)
+                zm = np.abs(z).max()
+                if zm > self._NULL_MAX:
+                    z *= self._NULL_MAX / zm
                 rhs = np.empty((6, 2))
                 rhs[:, 0] = e
                 rhs[:, 1] = Jw @ z
@@ -424,7 +429,9 @@ class Kinematics:
                     return q, pe, re, it, True
                 checkpoint = cost
             it += 1
-            use_null = null
+            # The secondary task acts on the first step only: one bounded pull per solve (per servo
+            # tick), and the remaining iterations converge on the pose alone.
+            use_null = null and it == 1
             while True:
                 q_new = q + self._step(J, e, q, lam, use_null)
                 if wrap_mask is not None:
@@ -447,8 +454,8 @@ class Kinematics:
             return "max_iters"
         J, p, _ = self._jac(q)
         sigma_min = float(np.linalg.svd(J, compute_uv=False)[-1])
-        d_target = float(np.linalg.norm(p_t - self._shoulder))
-        d_reached = float(np.linalg.norm(p - self._shoulder))
+        d_target = float(np.linalg.norm(p_t - self.shoulder))
+        d_reached = float(np.linalg.norm(p - self.shoulder))
         if sigma_min < self.singular_tol and d_target <= d_reached + 1e-3:
             return "singular"
         return "unreachable"

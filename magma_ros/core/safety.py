@@ -137,13 +137,14 @@ class _Command:
 
     def __post_init__(self):
         # A joint must be able to stop where its piecewise-linear path reverses (or ends).
-        d = np.sign(np.diff(self.points, axis=0))  # [P, dof]
-        turns = np.empty_like(d)
-        turns[-1] = self.points[-1]
-        for k in range(d.shape[0] - 2, -1, -1):
-            same = (d[k] == d[k + 1]) & (d[k] != 0)
-            turns[k] = np.where(same, turns[k + 1], self.points[k + 1])
-        self.turns = turns
+        d = np.sign(np.diff(self.points, axis=0))  # [S, dof] direction per segment
+        S = d.shape[0]
+        brk = np.broadcast_to(np.arange(S)[:, None], d.shape).copy()  # segment k ends at a stop/turn
+        same = np.zeros(d.shape, bool)
+        same[:-1] = (d[:-1] == d[1:]) & (d[:-1] != 0)
+        brk[same] = S
+        nxt = np.minimum.accumulate(brk[::-1], axis=0)[::-1]  # [S, dof] next segment that ends there
+        self.turns = np.take_along_axis(self.points, nxt + 1, axis=0)  # [S, dof]
 
     def segment(self, t: float) -> int:
         """Index k of the segment [times[k], times[k+1]) containing t (clamped)."""
@@ -207,6 +208,7 @@ class SafetyFilter:
         g = robot.gripper
         self.gripper_names = {g.joint, NORMALIZED_GRIPPER}
         self.ignored_names = set(g.mimic_joints)
+        self._known = set(self.index) | self.gripper_names | self.ignored_names
         self._fk = fk
         if cfg.workspace_enabled and fk is None:
             from magma_ros.core.kinematics import Kinematics  # lazy: pinocchio only when the box is on
@@ -285,33 +287,35 @@ class SafetyFilter:
         if not self.initialized:
             return Verdict(False, "no joint states yet: command ignored")
         names = [str(x) for x in names]
-        if len(set(names)) != len(names):
+        col = {x: i for i, x in enumerate(names)}
+        if len(col) != len(names):
             return Verdict(False, "duplicate joint names")
-        unknown = [x for x in names if x not in self.index and x not in self.gripper_names
-                   and x not in self.ignored_names]
+        unknown = [x for x in names if x not in self._known]
         if unknown:
             return Verdict(False, f"unknown joints: {', '.join(unknown)}")
-        missing = [j for j in self.robot.arm_joints if j not in names]
+        missing = [j for j in self.robot.arm_joints if j not in col]
         if missing:
             return Verdict(False, f"missing joints: {', '.join(missing)}")
-        if NORMALIZED_GRIPPER in names and self.robot.gripper.joint in names:
+        if NORMALIZED_GRIPPER in col and self.robot.gripper.joint in col:
             return Verdict(False, f"both {NORMALIZED_GRIPPER} and {self.robot.gripper.joint} given")
         try:
-            pts = [np.asarray(p, dtype=float).reshape(-1) for p in positions]
             ts = np.asarray(times, dtype=float).reshape(-1)
             stamp = float(stamp)
-        except (TypeError, ValueError):
+            P = np.asarray(positions, dtype=float)  # [P, J]
+        except ValueError:  # ragged (inhomogeneous) or not numbers
+            return Verdict(False, f"wrong number of positions (expected {len(names)} per point) "
+                                  "or not numbers")
+        except TypeError:
             return Verdict(False, "positions/times are not numbers")
-        if not pts:
+        if P.size == 0:
             return Verdict(False, "empty trajectory")
-        if ts.size != len(pts):
-            return Verdict(False, f"{len(pts)} points but {ts.size} times")
-        if any(p.size != len(names) for p in pts):
+        if P.ndim != 2 or P.shape[1] != len(names):
             return Verdict(False, f"wrong number of positions (expected {len(names)} per point)")
-        P = np.stack(pts)  # [P, J]
-        if not (np.all(np.isfinite(P)) and np.all(np.isfinite(ts)) and math.isfinite(stamp)):
+        if ts.size != P.shape[0]:
+            return Verdict(False, f"{P.shape[0]} points but {ts.size} times")
+        if not (np.isfinite(P).all() and np.isfinite(ts).all() and math.isfinite(stamp)):
             return Verdict(False, "NaN/inf in command")
-        if ts[0] < 0 or np.any(np.diff(ts) <= 0):
+        if ts[0] < 0 or (ts.size > 1 and (ts[1:] <= ts[:-1]).any()):
             return Verdict(False, "time_from_start must be >= 0 and strictly increasing")
         if stamp == 0.0:
             stamp = t
@@ -325,7 +329,7 @@ class SafetyFilter:
                 return Verdict(False, "teleop has priority: policy command ignored")
             if not self.policy_enabled:
                 return Verdict(False, "policy disabled since teleop took over: call safety/resume_policy")
-        cols = [names.index(j) for j in self.robot.arm_joints]
+        cols = [col[j] for j in self.robot.arm_joints]
         arm = P[:, cols]  # [P, dof] arm_joints order
         note = ""
         clamped = np.clip(arm, self.q_lo, self.q_hi)
@@ -344,10 +348,10 @@ class SafetyFilter:
                     return Verdict(False, f"TCP target outside the workspace by {viol:.3f} m")
         # gripper
         g = self.robot.gripper
-        if NORMALIZED_GRIPPER in names:
-            self.g_target = g.from_normalized(float(P[-1, names.index(NORMALIZED_GRIPPER)]))
-        elif g.joint in names:
-            self.g_target = float(np.clip(P[-1, names.index(g.joint)], g.low, g.high))
+        if NORMALIZED_GRIPPER in col:
+            self.g_target = g.from_normalized(float(P[-1, col[NORMALIZED_GRIPPER]]))
+        elif g.joint in col:
+            self.g_target = float(np.clip(P[-1, col[g.joint]], g.low, g.high))
         # store (anchored at the current output, JTC style: start from the current state)
         start = max(stamp, t)
         abs_t = stamp + ts
@@ -553,8 +557,34 @@ class SafetyFilter:
         """Positions [n, dof] of a controlled stop from the current output state (not applied).
 
         Used for JTC streaming: each message carries the next point plus this tail, so a late
-        message never makes the controller stop abruptly at the end of its trajectory.
+        message never makes the controller stop abruptly at the end of its trajectory. The stop is
+        the same as the filter's own (uniform deceleration along the direction of motion); near a
+        limit, where that would not do, it is computed step by step by the limiter.
         """
+        speed = np.abs(self.v)
+        if np.all(speed < 1e-9):
+            return np.zeros((0, self.robot.dof))
+        dt = self.dt
+        r = float(np.min(self.a_max * dt / np.maximum(speed, 1e-300)))  # fraction of v shed per step
+        n = min(max_points, math.ceil(1.0 / r - 1e-9))
+        scale = np.maximum(0.0, 1.0 - r * np.arange(1, n + 1))  # [n]
+        V = scale[:, None] * self.v  # [n, dof]
+        Q = self.q + np.cumsum(V * dt, axis=0)  # [n, dof]
+        prev = np.vstack((self.q, Q[:-1]))
+        lo = np.minimum(self.q_lo, self.q) - 1e-12
+        hi = np.maximum(self.q_hi, self.q) + 1e-12
+        ok = bool(np.all(Q >= lo) and np.all(Q <= hi))
+        if ok and self.pdv is not None:
+            vlo, vhi = self.pdv.bounds(prev, self.v_max)
+            ok = bool(np.all(V >= vlo - 1e-12) and np.all(V <= vhi + 1e-12))
+        if ok and self.j_max is not None:
+            a0 = (V[0] - self.v) / dt
+            ok = bool(np.all(np.abs(a0 - self.a) <= self.j_max * dt * (1 + 1e-9)))
+        if ok:
+            return Q
+        return self._braking_tail_exact(max_points)
+
+    def _braking_tail_exact(self, max_points: int) -> np.ndarray:
         q, v, a = self.q.copy(), self.v.copy(), self.a.copy()
         out = []
         saved = getattr(self, "_q_next", None)
@@ -614,15 +644,24 @@ class SafetyFilter:
 class LimitChecker:
     """Independent check of an output stream against a robot's limits (tests, benchmark, fuzz).
 
-    Feed outputs in order with :meth:`check`; call :meth:`restart` where the stream legitimately
-    restarts from the measured position (start-up, reset).
+    Limits are recomputed here from the robot description and the config (not taken from the
+    filter's own arrays). Feed outputs in order with :meth:`check`; call :meth:`restart` where the
+    stream legitimately restarts at rest from the measured position (start-up, reset).
     """
 
-    filt: SafetyFilter
-    tol: float = 1e-7  # relative tolerance for floating-point rounding
+    filt: SafetyFilter  # only its robot, config and period are used
+    tol: float = 1e-7  # relative tolerance for floating-point rounding (negative: demand slack)
     violations: list = field(default_factory=list)
 
     def __post_init__(self):
+        r, c = self.filt.robot, self.filt.cfg
+        self.dt = 1.0 / c.output_rate
+        self.q_lo = r.position_min + c.position_margin
+        self.q_hi = r.position_max - c.position_margin
+        self.v_max = r.velocity_max * c.velocity_scale
+        self.a_max = r.acceleration_max * c.acceleration_scale
+        self.j_max = None if r.jerk_max is None else r.jerk_max * c.jerk_scale
+        self.pdv = r.position_dependent_velocity
         self.q = self.v = self.a = None
 
     def restart(self, q: np.ndarray) -> None:
@@ -631,24 +670,28 @@ class LimitChecker:
         self.a = np.zeros_like(self.q)
 
     def check(self, q_new: np.ndarray) -> list[str]:
-        f, dt, tol = self.filt, self.filt.dt, self.tol
+        """Check the next output; returns (and records) what it violates."""
+        dt, tol = self.dt, self.tol
         bad = []
         q_new = np.asarray(q_new, float)
-        lo = np.minimum(f.q_lo, self.q) - 1e-9  # outside the band (start-up) never further out
-        hi = np.maximum(f.q_hi, self.q) + 1e-9
+        lo = np.minimum(self.q_lo, self.q) - 1e-9  # outside the band (start-up): never further out
+        hi = np.maximum(self.q_hi, self.q) + 1e-9
         if np.any(q_new < lo) or np.any(q_new > hi):
-            bad.append(f"position {q_new} outside [{f.q_lo}, {f.q_hi}]")
+            bad.append(f"position {q_new} outside [{self.q_lo}, {self.q_hi}]")
         v = (q_new - self.q) / dt
-        vlo, vhi = f._vel_bounds(self.q)
+        vlo, vhi = -self.v_max, self.v_max
+        if self.pdv is not None:  # libfranka's bounds at the previous output
+            plo, phi = self.pdv.bounds(self.q, self.v_max)
+            vlo, vhi = np.maximum(vlo, plo), np.minimum(vhi, phi)
         if np.any(v > vhi * (1 + tol) + 1e-9) or np.any(v < vlo * (1 + tol) - 1e-9):
             bad.append(f"velocity {v} outside [{vlo}, {vhi}]")
         a = (v - self.v) / dt
-        if np.any(np.abs(a) > f.a_max * (1 + tol) + 1e-6):
-            bad.append(f"acceleration {a} beyond {f.a_max}")
-        if f.j_max is not None:
+        if np.any(np.abs(a) > self.a_max * (1 + tol) + 1e-6):
+            bad.append(f"acceleration {a} beyond {self.a_max}")
+        if self.j_max is not None:
             j = (a - self.a) / dt
-            if np.any(np.abs(j) > f.j_max * (1 + tol) + 1e-3):
-                bad.append(f"jerk {j} beyond {f.j_max}")
+            if np.any(np.abs(j) > self.j_max * (1 + tol) + 1e-3):
+                bad.append(f"jerk {j} beyond {self.j_max}")
         self.q, self.v, self.a = q_new, v, a
         self.violations.extend(bad)
         return bad

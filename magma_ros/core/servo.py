@@ -97,6 +97,10 @@ class ServoConfig:
     limit_margin: float = 0.0  # [rad] IK solutions closer than this to a position limit are refused
     max_joint_step: float = 0.5  # [rad] an IK answer moving any joint more than this in one step is refused
     ik_iters: int = 100  # damped-least-squares iterations per solve
+    settle_time: float = 1.0  # [s] after a step ends its final target is re-sent (same target, fresh
+    #                           stamp) for this long so a step the arm could not finish in one period
+    #                           completes before the safety node's command watchdog holds; 0 = off
+    keepalive_period: float = 0.2  # [s] re-send period during settle_time
 
     def validate(self) -> ServoConfig:
         """Raise ConfigError on values that make no sense; return self."""
@@ -174,6 +178,7 @@ class Servo:
         self._last_stamp = -math.inf  # stamp of the last applied twist
         self._segment: _Segment | None = None
         self.last_spacing: float | None = None  # [s] stamp spacing of the last two applied twists
+        self._keepalive_t = -math.inf
 
     # ---------------------------------------------------------------- inputs
     def update_state(self, names, positions, t: float) -> bool:
@@ -330,6 +335,24 @@ class Servo:
             return ServoResult(self._command(times, seg.positions[keep], now), "gripper")
         q = self._target_q if self._target_q is not None else self._q
         return ServoResult(self._command((self.cfg.step_period,), q[None, :], now), "gripper")
+
+    def keepalive(self, now: float) -> ServoResult:
+        """Re-send the last step's final target while the arm settles (call periodically).
+
+        Only between the end of the last step and ``settle_time`` after it, at most every
+        ``keepalive_period``: the same joint target (nothing new), so a late next action still means
+        the arm holds at the last target; once ``settle_time`` is over nothing is sent.
+        """
+        seg = self._segment
+        if seg is None or self.cfg.settle_time <= 0:
+            return ServoResult(None, "idle")
+        end = seg.t0 + seg.times[-1]
+        if now < end or now > end + self.cfg.settle_time:
+            return ServoResult(None, "idle")
+        if now - self._keepalive_t < self.cfg.keepalive_period - 1e-9:
+            return ServoResult(None, "idle")
+        self._keepalive_t = now
+        return ServoResult(self._command((self.cfg.keepalive_period,), seg.positions[-1:], now), "keepalive")
 
     # ---------------------------------------------------------------- output
     def _command(self, times, arm_positions: np.ndarray, now: float) -> JointCommand:

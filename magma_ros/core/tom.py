@@ -93,6 +93,10 @@ def feature_marks(image, n: int = DEFAULT_MARKS, min_distance: float | None = No
     if img.ndim not in (2, 3) or img.shape[0] < 2 or img.shape[1] < 2:
         raise ValueError(f"expected an HxW or HxWxC image, got shape {img.shape}")
     h, w = img.shape[:2]
+    f = max(1, math.ceil(max(h, w) / 320))  # corners on a <= 320 px copy, scaled back: ~10x faster
+    if f > 1:
+        small = feature_marks(img[::f, ::f], n, None if min_distance is None else min_distance / f, window)
+        return np.clip(small * f, 0, [w - 1, h - 1])
     gray = img.astype(np.float64).mean(axis=2) if img.ndim == 3 else img.astype(np.float64)
     gy, gx = np.gradient(gray)
     a = _box_sum(gx * gx, window)

@@ -124,7 +124,8 @@ class Engine(nn.Module):
         kw = dict(dtype=self.dtype, device=self.device)
         self.register_buffer("k_cache", torch.zeros(shape, **kw), persistent=False)  # (Lyr, B, kvh, S, D)
         self.register_buffer("v_cache", torch.zeros(shape, **kw), persistent=False)
-        self.register_buffer("valid", torch.zeros(max_batch, max_seq_len, dtype=torch.bool, device=self.device))
+        valid = torch.zeros(max_batch, max_seq_len, dtype=torch.bool, device=self.device)  # (B, S)
+        self.register_buffer("valid", valid, persistent=False)
         pos = torch.arange(max_seq_len, device=self.device)
         freqs = pos[:, None].float() * self.inv_freq  # (S, D/2) float32, as transformers
         emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
@@ -178,7 +179,8 @@ def layer_forward(e: Engine, i: int, x: Tensor, cos: Tensor, sin: Tensor, slots:
     return x + linear(F.silu(linear(h, lw.gate)) * linear(h, lw.up), lw.down)
 
 
-def forward_tokens(e: Engine, x: Tensor, pos: Tensor, slots: Tensor, kv_len: int, mask: Tensor | None) -> Tensor:
+def forward_tokens(e: Engine, x: Tensor, pos: Tensor, slots: Tensor, kv_len: int,
+                   mask: Tensor | None) -> Tensor:
     # x: (B, T, H) input embeddings; pos: (B, T) RoPE positions → logits of the LAST position (B, V) float32
     B = x.shape[0]
     cos, sin = e.cos[pos], e.sin[pos]  # (B, T, D)
@@ -229,7 +231,8 @@ def pick(logits: Tensor, bias: Tensor | None, finished: Tensor, eos: Tensor, pad
 # ----------------------------------------------------------------------------------------------
 
 def merge_one_image_per_row(model: nn.Module, vision, input_ids: Tensor, attention_mask: Tensor,
-                            pixel_values: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+                            pixel_values: Tensor, image_sizes: Tensor,
+                            ) -> tuple[Tensor, Tensor, Tensor] | None:
     """``MagmaModel.prepare_inputs_embeds`` for rows that each hold exactly one ``<image>``.
 
     Same result (bit for bit in eager mode: same ops on the same values), but the vision tower is
@@ -267,7 +270,8 @@ def merge_one_image_per_row(model: nn.Module, vision, input_ids: Tensor, attenti
     x = vision(crops).permute(0, 2, 3, 1)  # (N, h, w, C)
     x = model.multi_modal_projector(x)  # (N, h, w, H)
     h, w, H = x.shape[1:]
-    text = model.language_model.get_input_embeddings()(input_ids.to(dev).masked_fill(input_ids.to(dev) == img, 0))
+    ids_d = input_ids.to(dev)
+    text = model.language_model.get_input_embeddings()(ids_d.masked_fill(ids_d == img, 0))  # (B, T, H)
     sep = model.multi_modal_projector.row_seperator  # (1, 1, H)
     feats, k = [], 0
     for r, c in grids:  # (r*h, c*w, H) → with the row separator (r*h*(c*w+1), H)
@@ -405,8 +409,9 @@ class FastGenerator:
 
     # -- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
-                 image_sizes: Tensor | None = None, max_new_tokens: int = 7,
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 pixel_values: Tensor | None = None, image_sizes: Tensor | None = None,
+                 max_new_tokens: int = 7,
                  allowed_token_ids: Sequence[int] | Sequence[Sequence[int] | None] | Tensor | None = None,
                  ) -> Tensor:
         """Greedy tokens (B, n), n ≤ max_new_tokens (shorter only when every row hit EOS, as ``generate``).

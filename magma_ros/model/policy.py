@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,7 @@ class MagmaPolicy:
         self._grippers: dict[str, object] = {}  # robot_id -> gripper map (sticky state per arm)
         self._held: dict[str, float] = {}  # robot_id -> last gripper command (0 closed .. 1 open)
         self._lock = threading.Lock()
+        self._ids_cache: OrderedDict[str, list[int]] = OrderedDict()
         self.engine_name = "plain"
         self._fast = None
         if engine in ("auto", "fast"):
@@ -166,6 +168,12 @@ class MagmaPolicy:
                 log.warning("fast engine unavailable (%s: %s); using transformers generate",
                             type(e).__name__, e)
         self.engine = engine
+
+    @classmethod
+    def from_config(cls, model_or_path, cfg: PolicyConfig, **kw) -> MagmaPolicy:
+        """Build from a `PolicyConfig` (extra keyword arguments, e.g. ``tokenizer=``, pass through)."""
+        return cls(model_or_path, stats=cfg.stats, device=cfg.device, dtype=cfg.dtype, engine=cfg.engine,
+                   constrained=cfg.constrained, max_batch=cfg.max_batch, step_period=cfg.step_period, **kw)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -199,7 +207,7 @@ class MagmaPolicy:
 
         from magma_ros.model.processor import collate, preprocess, preprocess_robot
 
-        ids = [prompts.encode(self.tokenizer, t) for t in texts]
+        ids = [self._encode(t) for t in texts]
         n = max(len(r) for r in ids)
         input_ids = torch.full((len(ids), n), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ids), n), dtype=torch.long)
@@ -211,6 +219,18 @@ class MagmaPolicy:
         pv = batch["pixel_values"].to(self.model.device, self.model.dtype)  # (B, crops, 3, 512, 512)
         sizes = batch["image_sizes"].to(self.model.device)  # (B, n_images, 2)
         return input_ids.to(self.model.device), mask.to(self.model.device), pv, sizes
+
+    def _encode(self, text: str) -> list[int]:
+        """Token ids of a prompt, cached (the same instruction repeats every step)."""
+        ids = self._ids_cache.get(text)
+        if ids is None:
+            ids = prompts.encode(self.tokenizer, text)
+            self._ids_cache[text] = ids
+            if len(self._ids_cache) > 256:
+                self._ids_cache.popitem(last=False)
+        else:
+            self._ids_cache.move_to_end(text)
+        return ids
 
     def _generate(self, input_ids, mask, pv, sizes, max_new_tokens: int, allowed=None):
         """New token ids (B, n) as a numpy int64 array."""

@@ -96,22 +96,24 @@ class Int4Linear(nn.Module):
         wg = w.view(out_f, in_f // g, g)
         lo, hi = wg.amin(-1), wg.amax(-1)  # (out, in/g)
         scale = ((hi - lo) / 15.0).clamp(min=1e-8)
-        q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(out_f, in_f)
+        q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+        q = q.view(out_f, in_f)
         packed = q[:, 0::2] | (q[:, 1::2] << 4)  # (out, in/2)
         bias = None if lin.bias is None else lin.bias.detach()
         dt = lin.weight.dtype
         return cls(packed, scale.to(dt), lo.to(dt), in_f, g, bias)
 
     def dequantize(self, dtype: torch.dtype) -> Tensor:
-        q = torch.stack((self.packed & 0xF, self.packed >> 4), dim=-1).view(self.out_features, -1)  # (out, in)
-        q = q.view(self.out_features, -1, self.group_size).to(dtype)
-        return (q * self.scale.to(dtype)[..., None] + self.zero.to(dtype)[..., None]).view(self.out_features, -1)
+        n = self.out_features
+        q = torch.stack((self.packed & 0xF, self.packed >> 4), dim=-1).view(n, -1)  # (out, in)
+        q = q.view(n, -1, self.group_size).to(dtype)  # (out, in/g, g)
+        return (q * self.scale.to(dtype)[..., None] + self.zero.to(dtype)[..., None]).view(n, -1)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g={self.group_size}"
 
 
 def available_backends() -> list[str]:
@@ -167,7 +169,8 @@ def quantize_linear(lin: nn.Linear, mode: str, backend: str = "native") -> nn.Mo
             cfg = Int8WeightOnlyConfig()
         else:
             if lin.weight.device.type != "cuda" or lin.weight.dtype != torch.bfloat16:
-                raise ValueError("torchao int4 (tinygemm) needs a bf16 model on CUDA; use backend='native' here")
+                raise ValueError("torchao int4 (tinygemm) needs a bf16 model on CUDA; "
+                                 "use backend='native' here")
             cfg = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
         wrapper = nn.Sequential(lin)
         quantize_(wrapper, cfg)
@@ -179,7 +182,8 @@ def quantize_linear(lin: nn.Linear, mode: str, backend: str = "native") -> nn.Mo
         if mode == "int8":
             q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                     has_fp16_weights=False)
-            q.weight = bnb.nn.Int8Params(lin.weight.detach().cpu(), requires_grad=False, has_fp16_weights=False)
+            q.weight = bnb.nn.Int8Params(lin.weight.detach().cpu(), requires_grad=False,
+                                         has_fp16_weights=False)
         else:
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                   compute_dtype=lin.weight.dtype, quant_type="nf4")

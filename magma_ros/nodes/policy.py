@@ -105,7 +105,13 @@ def build_policy(cfg: PolicyNodeConfig):
             raise ConfigError("policy:=local needs model:=<checkpoint dir or hub id> (or MAGMA_MODEL)")
         pol = MagmaPolicy(model, stats=cfg.stats, engine=cfg.engine, constrained=cfg.constrained,
                           device=cfg.device or None)
-    period = cfg.step_period or getattr(pol, "step_period", None)
+    if cfg.step_period:
+        return pol, float(cfg.step_period)
+    try:
+        period = getattr(pol, "step_period", None)  # remote: asks the server (connects)
+    except Exception as e:  # server down: say what to do instead of a traceback
+        raise ConfigError(f"policy:={cfg.policy}: could not get step_period ({e}); start the policy "
+                          "server first or set step_period:=SECONDS") from None
     if not period or not math.isfinite(float(period)) or float(period) <= 0:
         raise ConfigError(f"policy:={cfg.policy} reports no step_period; set step_period:=SECONDS")
     return pol, float(period)

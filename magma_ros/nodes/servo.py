@@ -46,6 +46,8 @@ def make_node():
             state_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
             self.create_subscription(JointState, self.robot.joint_states_topic, self.on_state, state_qos)
             self.create_timer(1.0, self.publish_diagnostics)
+            if self.cfg.settle_time > 0:
+                self.create_timer(self.cfg.keepalive_period / 2, self.on_keepalive)
             self._last_reason = ""
             self._Duration, self._Point, self._Traj = Duration, JointTrajectoryPoint, JointTrajectory
             self._diag = (DiagnosticArray, DiagnosticStatus, KeyValue)
@@ -77,6 +79,11 @@ def make_node():
             res = self.servo.on_gripper(msg.data, 0.0, self.now())  # Float64 has no stamp: "now"
             if res.reason != "gripper unchanged":
                 self._handle(res)
+
+        def on_keepalive(self) -> None:
+            res = self.servo.keepalive(self.now())
+            if res.command is not None:
+                self.pub.publish(self.to_msg(res.command))
 
         def _handle(self, res) -> None:
             if res.command is not None:

@@ -49,6 +49,8 @@ class SimNodeConfig:
     timestep: float = 0.0  # [s] physics step; 0 = from sim_config (0.002)
     real_time_factor: float = 1.0  # 1 = real time; 0 = as fast as possible
     camera_fps: float = 10.0  # [Hz, sim time] images; 0 = no rendering
+    render_sync: bool = True  # true: physics waits for a busy renderer (images exactly at camera_fps in
+    # sim time); false: frames are dropped instead (physics closer to real time, fewer images)
     width: int = 640  # [px]
     height: int = 480  # [px]
     joint_state_rate: float = 100.0  # [Hz, sim time]
@@ -144,8 +146,18 @@ def _make_node():
             self._Time = Time
 
             self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._run, name="physics", daemon=True)
-            self._thread.start()
+            # rendering runs in its own thread on a snapshot, so physics keeps stepping meanwhile
+            self.frames = self.dropped_frames = 0
+            self._snap = self.sim.snapshot()
+            self._snap_t = 0.0
+            self._render_req = threading.Event()
+            self._render_idle = threading.Event()
+            self._render_idle.set()
+            self._threads = [threading.Thread(target=self._run, name="physics", daemon=True)]
+            if self.cam_pub is not None:
+                self._threads.append(threading.Thread(target=self._render_loop, name="render", daemon=True))
+            for th in self._threads:
+                th.start()
             self.get_logger().info(
                 f"sim: {r.name}, controller {c}, physics {1 / self.sim.timestep:.0f} Hz, camera "
                 f"{self.cfg.width}x{self.cfg.height}@{self.cfg.camera_fps:g} Hz, real-time factor target "
@@ -242,13 +254,34 @@ def _make_node():
             except Exception as e:  # noqa: BLE001 - report, do not die silently
                 if not self._stop.is_set() and self.context.ok():  # at shutdown the context goes first
                     self.get_logger().error(f"sim: physics thread stopped: {type(e).__name__}: {e}")
+
+        def _render_loop(self) -> None:
+            try:
+                while not self._stop.is_set():
+                    if not self._render_req.wait(0.1):
+                        continue
+                    self._render_req.clear()
+                    try:
+                        color, depth = self.sim.render_rgbd(self._snap)
+                        info = self.sim.camera_info()
+                        self.cam_pub.publish(color, depth, info.K, np.zeros(5), self._stamp(self._snap_t),
+                                             info.frame_id)
+                        self.frames += 1
+                    finally:
+                        self._render_idle.set()
+            except Exception as e:  # noqa: BLE001
+                if not self._stop.is_set() and self.context.ok():
+                    self.get_logger().error(f"sim: render thread stopped: {type(e).__name__}: {e}")
             finally:
+                self._render_idle.set()
                 self.sim.close()  # the GL context belongs to this thread
 
         def _loop(self) -> None:
             cfg, dt = self.cfg, self.sim.timestep
             rtf = cfg.real_time_factor
-            periods = {"clock": 1 / cfg.clock_rate, "js": 1 / cfg.joint_state_rate,
+            # joint states before the clock tick of the same instant: a use_sim_time node never sees
+            # the clock ahead of the newest state it could have had
+            periods = {"js": 1 / cfg.joint_state_rate, "clock": 1 / cfg.clock_rate,
                        "cam": 1 / cfg.camera_fps if cfg.camera_fps > 0 else None,
                        "tf": 1 / cfg.tf_rate if (cfg.tf_rate > 0 and self._tf.enabled) else None}
             due = {k: 0.0 for k in periods}
@@ -301,11 +334,18 @@ def _make_node():
                 m.velocity, m.effort = vel.tolist(), eff.tolist()
                 self.pub_js.publish(m)
             elif what == "cam" and self.cam_pub is not None:
+                if not self._render_idle.is_set():
+                    if not self.cfg.render_sync:
+                        self.dropped_frames += 1
+                        return
+                    while not self._render_idle.wait(0.1):
+                        if self._stop.is_set():
+                            return
                 with self.lock:
-                    color = self.sim.render_color()
-                    depth = self.sim.render_depth()
-                info = self.sim.camera_info()
-                self.cam_pub.publish(color, depth, info.K, np.zeros(5), stamp, info.frame_id)
+                    self.sim.snapshot(self._snap)
+                self._snap_t = t
+                self._render_idle.clear()
+                self._render_req.set()
             elif what == "tf":
                 with self.lock:
                     self._tf.publish(stamp)
@@ -314,6 +354,7 @@ def _make_node():
             DiagnosticArray, DiagnosticStatus, KeyValue = self._diag_types
             rtf = sim_dt / wall_dt if wall_dt > 0 else 0.0
             self.get_logger().info(f"sim: real-time factor {rtf:.2f} (sim {self.now():.1f} s, {steps} steps, "
+                                   f"{self.frames} frames, {self.dropped_frames} dropped while rendering, "
                                    f"{self.rejected} rejected commands)")
             target = self.cfg.real_time_factor
             level = 0 if (target == 0 or rtf >= 0.8 * target) else 1
@@ -324,12 +365,15 @@ def _make_node():
                 message=f"real-time factor {rtf:.2f}",
                 values=[KeyValue(key="real_time_factor", value=f"{rtf:.3f}"),
                         KeyValue(key="sim_time", value=f"{self.now():.3f}"),
+                        KeyValue(key="frames", value=str(self.frames)),
+                        KeyValue(key="dropped_frames", value=str(self.dropped_frames)),
                         KeyValue(key="rejected_commands", value=str(self.rejected))])]
             self.pub_diag.publish(arr)
 
         def close(self) -> None:
             self._stop.set()
-            self._thread.join(timeout=5.0)
+            for th in self._threads:
+                th.join(timeout=5.0)
 
     return SimNode()
 

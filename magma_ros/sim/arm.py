@@ -184,11 +184,21 @@ class ArmSim:
                           height=self.height, frame_id=self.camera.optical_frame,
                           parent_frame=self.robot.base_link, T_base_optical=self.camera.pose_optical())
 
-    def render_rgbd(self) -> tuple[np.ndarray, np.ndarray]:
+    def snapshot(self, out: mujoco.MjData | None = None) -> mujoco.MjData:
+        """Copy of the current state (positions, time) for rendering it elsewhere while physics goes on."""
+        if out is None:
+            out = mujoco.MjData(self.model)
+        out.qpos[:] = self.data.qpos
+        out.qvel[:] = self.data.qvel
+        out.time = self.data.time
+        return out
+
+    def render_rgbd(self, state: mujoco.MjData | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Colour (H, W, 3) uint8 RGB and depth (H, W) uint16 [mm] from one render pass.
 
         Depth is along the optical axis (as a RealSense reports it); 0 where nothing is within
-        ``camera.depth_max``. Render from one thread (the GL context belongs to it).
+        ``camera.depth_max``. ``state``: render a :meth:`snapshot` instead of the live state.
+        Render from one thread (the GL context belongs to it).
         """
         if self._renderer is None:
             try:
@@ -198,8 +208,12 @@ class ArmSim:
                     f"MuJoCo offscreen rendering failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: {e}. "
                     "Install libegl1 libgl1-mesa-dri (MUJOCO_GL=egl) or libosmesa6 (MUJOCO_GL=osmesa), "
                     "and set MUJOCO_GL before mujoco is first imported.") from None
-        self._forward()
-        rgb, d = self._renderer.render(self.data)
+        if state is None:
+            self._forward()
+            state = self.data
+        else:
+            mujoco.mj_forward(self.model, state)
+        rgb, d = self._renderer.render(state)
         ok = np.isfinite(d) & (d > 0) & (d < self.camera.depth_max)
         depth = np.where(ok, np.rint(d * 1000.0), 0).astype(np.uint16)
         return rgb, depth

@@ -112,9 +112,9 @@ def load_sim_config(path: str | Path | None = None) -> SimConfig:
             )
         for robot, objs in (d.get("objects") or {}).items():
             objects[robot] = tuple(
-                SceneObject(name=str(o["name"]), size=float(o["size"]), xy=_floats(o["xy"], 2, f"{src}: xy"),
-                            rgba=_floats(o["rgba"], 4, f"{src}: rgba"), mass=float(o.get("mass", 0.05)))
-                for o in objs)
+                SceneObject(name=str(n), size=float(o["size"]), xy=_floats(o["xy"], 2, f"{src}: {n}.xy"),
+                            rgba=_floats(o["rgba"], 4, f"{src}: {n}.rgba"), mass=float(o.get("mass", 0.05)))
+                for n, o in (objs or {}).items())
         return SimConfig(
             timestep=float(d.get("timestep", 0.002)),
             table_size=_floats(d.get("table_size", (1.2, 1.4)), 2, f"{src}: table_size"),

@@ -610,8 +610,31 @@ def test_braking_tail_ends_at_rest_within_limits():
     for q in tail:
         assert not chk.check(q)
     np.testing.assert_allclose(chk.v, 0, atol=1e-12)
-    state = (f.q.copy(), f.v.copy())
-    np.testing.assert_array_equal(state[0], f.q)  # the tail does not change the filter
+    np.testing.assert_allclose(tail, f._braking_tail_exact(200), atol=1e-12)  # the filter's own stop
+    q, v = f.q.copy(), f.v.copy()
+    f.braking_tail()
+    np.testing.assert_array_equal(q, f.q)  # the tail does not change the filter
+    np.testing.assert_array_equal(v, f.v)
+
+
+def test_braking_tail_near_a_limit_stays_inside():
+    r, f = make("wx250s", max_step=0.0)
+    start(f)
+    tgt = r.home.copy()
+    tgt[0] = r.position_max[0]  # run joint 1 into its limit band edge at full speed
+    tgt[2] = r.home[2] + 0.2
+    chk = LimitChecker(f)
+    chk.restart(r.home)
+    for k in range(1, 400):
+        f.on_joint_state(r.arm_joints, f.q, k * DT)
+        if k % 20 == 1:
+            f.on_command("policy", r.arm_joints, [tgt], [0.05], 0.0, k * DT)
+        assert not chk.check(f.step(k * DT).positions)
+        tail_chk = LimitChecker(f)
+        tail_chk.q, tail_chk.v, tail_chk.a = f.q.copy(), f.v.copy(), f.a.copy()
+        for q in f.braking_tail():
+            assert not tail_chk.check(q)
+    np.testing.assert_allclose(f.q[0], f.q_hi[0], atol=1e-9)
 
 
 @pytest.mark.parametrize("robot", ["fr3", "wx250s"])

@@ -10,7 +10,8 @@ import pytest
 from magma_ros.core.errors import ConfigError
 from magma_ros.core.kinematics import Kinematics, pose_error, rotvec_to_matrix
 from magma_ros.core.robot import load_robot
-from magma_ros.core.servo import Servo, ServoConfig, apply_delta, matrix_to_rotvec, rotvec_to_matrix as rv2m
+from magma_ros.core.servo import Servo, ServoConfig, apply_delta, matrix_to_rotvec
+from magma_ros.core.servo import rotvec_to_matrix as rv2m
 
 # A comfortable working pose per robot (home for the Frankas; the WidowX home is a wrist singularity).
 WORK_Q = {"fr3": None, "panda": None, "wx250s": np.array([0.0, -0.5, 0.5, 0.0, 0.6, 0.0])}
@@ -231,3 +232,18 @@ def test_apply_delta_is_base_frame_left_multiplication():
     assert np.allclose(out[:3, 3], [0.1, 0, 0])
     assert np.allclose(out[:3, :3], rv2m([np.pi / 2, 0, 0]) @ rv2m([0, 0, np.pi / 2]))
     assert dataclasses.is_dataclass(ServoConfig)
+
+
+def test_keepalive_resends_the_same_target_only_while_settling():
+    rb = load_robot("fr3")
+    servo = Servo(rb, Kinematics(rb), ServoConfig(step_period=T, settle_time=1.0, keepalive_period=0.2))
+    assert servo.keepalive(0.0).command is None  # nothing applied yet
+    state(servo, rb, rb.home, 0.0)
+    cmd = servo.on_twist(0.001, [0.05, 0, 0], [0, 0, 0], now=0.0).command
+    assert servo.keepalive(0.1).command is None  # the step is still running
+    sent = [servo.keepalive(t) for t in np.arange(0.2, 1.5, 0.05)]
+    got = [r.command for r in sent if r.command is not None]
+    assert 5 <= len(got) <= 6  # every 0.2 s from 0.2 s to 1.2 s, then silence
+    for c in got:
+        assert np.allclose(c.positions[-1], cmd.positions[-1]) and c.times == (pytest.approx(0.2),)
+    assert all(r.command is None for r in sent[-5:])

@@ -136,6 +136,11 @@ def test_feature_marks_find_corners_and_keep_apart():
     corners = np.array([[40, 30], [79, 30], [40, 59], [79, 59]], float)
     for c in corners:
         assert np.min(np.linalg.norm(m - c, axis=1)) <= 3, f"no mark near corner {c}: {m}"
+    big = np.zeros((960, 1280, 3), np.uint8)  # large frames are searched at <= 320 px, scaled back
+    big[300:600, 400:800] = 255
+    m = feature_marks(big, 4, min_distance=40)
+    for c in corners * 10:
+        assert np.min(np.linalg.norm(m - c, axis=1)) <= 12, f"no mark near corner {c}: {m}"
     flat = feature_marks(np.zeros((50, 50, 3), np.uint8), 5)  # no texture: grid fallback
     assert flat.shape == (5, 2)
 

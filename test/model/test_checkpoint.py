@@ -164,3 +164,35 @@ def test_mid_preset_shape():
     m = MagmaModel(cfg, device="meta")
     n = sum(p.numel() for p in m.parameters())
     assert 60e6 < n < 80e6 and m.multi_modal_projector.proj[0].weight.shape == (256, 256)
+
+
+def test_batch_of_multi_image_prompts_equals_each_prompt_alone(model_b):
+    from magma_ros.model import collate, preprocess
+
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8)  # 1x1 grid -> 272
+    b = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)  # 1x2 grid -> 16*33 = 528
+    one = [128000, 128006, 882, 128007, 271, 128257, 198, 3923, 1957]
+    two = [128000, 128257, 198, 128257, 198, 3923, 1957, 1288, 279, 12585, 1935]
+    samples = [preprocess(a), preprocess([b, a])]
+    batch = collate(samples)
+    width = max(len(one), len(two))
+    ids = torch.tensor([[128256] * (width - len(one)) + one, [128256] * (width - len(two)) + two])
+    mask = (torch.arange(width)[None] >= torch.tensor([[width - len(one)], [width - len(two)]])).long()
+    embeds, m, pos = model_b.prepare_inputs_embeds(ids, mask, batch["pixel_values"], batch["image_sizes"])
+    lens = [len(one) - 1 + 272, len(two) - 2 + 528 + 272]
+    assert embeds.shape[1] == max(lens) and m.sum(1).tolist() == lens
+    for i, (t, s) in enumerate(zip((one, two), samples)):
+        e1, m1, p1 = model_b.prepare_inputs_embeds(
+            torch.tensor([t]), None, s["pixel_values"][None], s["image_sizes"][None]
+        )
+        n = e1.shape[1]
+        torch.testing.assert_close(embeds[i, -n:], e1[0])  # right-aligned, left pads are zeros
+        assert embeds[i, :-n].abs().sum() == 0 and m[i, :-n].sum() == 0
+        assert torch.equal(pos[i, -n:], p1[0])
+    out = model_b(ids, mask, batch["pixel_values"], batch["image_sizes"], logits_to_keep=1)
+    for i, (t, s) in enumerate(zip((one, two), samples)):
+        alone = model_b(
+            torch.tensor([t]), None, s["pixel_values"][None], s["image_sizes"][None], logits_to_keep=1
+        )
+        torch.testing.assert_close(out.logits[i, -1], alone.logits[0, -1], atol=1e-4, rtol=1e-4)

@@ -272,8 +272,8 @@ def test_int8_weight_only_stays_close_to_fp32_and_both_paths_agree(tmp_path):
     from magma_ros.model.magma import MagmaModel
     from magma_ros.model.quant import Int8Linear
 
-    d = write_tiny_checkpoint(tmp_path / "ckpt", seed=5, tokenizer=False, hidden_size=64, intermediate_size=128,
-                              num_attention_heads=4, num_key_value_heads=2)
+    d = write_tiny_checkpoint(tmp_path / "ckpt", seed=5, tokenizer=False, hidden_size=64,
+                              intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     ref_model = MagmaModel.from_pretrained(d)
     q_model = MagmaModel.from_pretrained(d)
     g = FastGenerator(q_model, quant="int8", max_batch=2)

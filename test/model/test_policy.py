@@ -11,8 +11,8 @@ from magma_ros.core.errors import ConfigError
 from magma_ros.core.tom import TraceResult
 from magma_ros.serve import BasePolicy
 
-BRIDGE_Q01 = np.array([-0.02872725307941437, -0.04170349963009357, -0.026093858778476715, -0.08092105075716972,
-                       -0.09288699507713317, -0.20718276381492615, 0.0])
+BRIDGE_Q01 = np.array([-0.02872725307941437, -0.04170349963009357, -0.026093858778476715,
+                       -0.08092105075716972, -0.09288699507713317, -0.20718276381492615, 0.0])
 BRIDGE_Q99 = np.array([0.028309678435325586, 0.040855254605412394, 0.040161586627364146, 0.08192047759890528,
                        0.07792850524187081, 0.20382574498653397, 1.0])
 
@@ -69,7 +69,8 @@ def test_constrained_decoding_gives_bridge_actions(constrained, image):
     toks = np.asarray(r["tokens"])
     assert toks.shape == (7,) and np.all((toks >= 127744) & (toks < 128000))
     np.testing.assert_allclose(r["action"], expected_bridge_action(toks), rtol=1e-6, atol=1e-7)
-    assert np.all(r["action"][:6] >= BRIDGE_Q01[:6] - 1e-7) and np.all(r["action"][:6] <= BRIDGE_Q99[:6] + 1e-7)
+    a = r["action"][:6]
+    assert np.all(a >= BRIDGE_Q01[:6] - 1e-7) and np.all(a <= BRIDGE_Q99[:6] + 1e-7)
 
 
 def test_plain_engine_and_batch_agree_with_the_fast_engine(constrained, image):
@@ -124,7 +125,8 @@ def test_tom_traces_come_back_in_pixels_of_the_input_image(policy, image, monkey
     monkeypatch.setattr(policy, "_generate", fake_generate)
     r = policy.predict_tom(image, "pick up the chip bag", marks=[[100, 200], [300, 400]])
     assert r.ok, r.reason
-    np.testing.assert_allclose(r.traces[1], [[70 * 640 / 256, 130 * 480 / 256], [80 * 640 / 256, 140 * 480 / 256]])
+    sx, sy = 640 / 256, 480 / 256  # grid cell -> pixel of the 640x480 input
+    np.testing.assert_allclose(r.traces[1], [[70 * sx, 130 * sy], [80 * sx, 140 * sy]])
     np.testing.assert_allclose(r.starts[1], [64 * 640 / 256, 128 * 480 / 256])
     prompt = policy.tokenizer.decode(seen["ids"])
     assert "labeled with numeric marks [1, 2].\nThe robot is doing: pick up the chip bag." in prompt

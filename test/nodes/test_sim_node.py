@@ -168,3 +168,36 @@ def test_panda_isaac_joint_command_in_a_namespace(nodes, rclpy_node):
     pub.publish(JointState(name=names, position=[*reversed(target.tolist()), 0.02]))
     assert pr.wait_q([*robot.arm_joints, robot.gripper.joint], [*target, 0.02], 2e-3), nodes.log(proc)
     assert proc.poll() is None
+
+
+def test_tf_link_chain_reproduces_the_tcp_pose():
+    """The /tf the node publishes on a real ROS install (tf2_msgs): link transforms chain to the TCP."""
+    import magma_ros.sim  # noqa: F401
+    from magma_ros.nodes.camera import transform_msg
+    from magma_ros.nodes.sim import link_transforms, robot_link_bodies
+    from magma_ros.sim.arm import ArmSim
+
+    with ArmSim("fr3", width=64, height=48) as sim:
+        rng = np.random.default_rng(3)
+        sim.reset(rng.uniform(sim.robot.position_min, sim.robot.position_max))
+        tf = {child: (parent, T) for parent, child, T in link_transforms(sim, robot_link_bodies(sim))}
+        assert "fr3_hand_tcp" in tf and "red_cube" not in tf
+        T, frame = np.eye(4), "fr3_hand_tcp"
+        while frame != sim.robot.base_link:
+            parent, Tp = tf[frame]
+            m = transform_msg(Tp, parent, frame, _zero_stamp())
+            q = m.transform.rotation
+            w, x, y, z = q.w, q.x, q.y, q.z
+            R = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                          [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                          [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+            assert np.allclose(R, Tp[:3, :3], atol=1e-9)  # quaternion of the message is the rotation
+            T = Tp @ T
+            frame = parent
+        assert np.allclose(T, sim.tcp_pose(), atol=1e-9)
+
+
+def _zero_stamp():
+    from builtin_interfaces.msg import Time
+
+    return Time()

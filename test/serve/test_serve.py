@@ -80,7 +80,7 @@ def test_size_caps():
         unpackb(b"\0" * 2000, small)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=200))
 def test_random_bytes_only_ever_raise_wire_error(data):
     try:

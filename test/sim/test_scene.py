@@ -194,3 +194,46 @@ def test_arm_moves_in_the_image():
 def test_unknown_camera_config_is_a_one_line_error():
     with pytest.raises(ConfigError, match="sim_fr3"):
         ArmSim(load_robot("fr3"), camera="sim_fr")
+
+
+def _move(sim, q_goal, gripper_m, duration):
+    """Drive the arm in a straight joint-space line to q_goal over ``duration`` sim seconds, then settle."""
+    f = TrajectoryFollower(sim.targets()[0])
+    f.set_trajectory(sim.time, [duration], np.asarray(q_goal)[None, :])
+    t_end = sim.time + duration + 0.3
+    while sim.time < t_end:
+        q, qd = f.sample(sim.time)
+        sim.set_targets(q, gripper_m=gripper_m, qd_arm=qd)
+        sim.step(5)
+
+
+@pytest.mark.parametrize("robot", ["fr3", "wx250s"])
+def test_pick_up_the_red_cube(robot):
+    """The scene supports the demo task: top grasp on the red cube, lift it 10 cm, it stays in the hand."""
+    kin = pytest.importorskip("magma_ros.core.kinematics").Kinematics(robot)
+    with ArmSim(robot, width=64, height=48) as sim:
+        g = sim.robot.gripper
+        cube = next(o for o in sim.config.objects[robot] if o.name == "red_cube")
+        down = np.diag([1.0, -1.0, -1.0]) if robot != "wx250s" else \
+            np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])  # TCP x (WidowX) / z (Franka) down
+
+        def ik(z, seed):
+            T = np.eye(4)
+            T[:3, :3], T[:3, 3] = down, [cube.xy[0], cube.xy[1], z]
+            r = kin.solve(T, seed)
+            assert r.ok, r.status
+            return r.q
+
+        grasp_z = cube.size / 2 + (0.0 if robot != "wx250s" else 0.005)
+        q_above = ik(grasp_z + 0.12, sim.robot.home)
+        q_grasp = ik(grasp_z, q_above)
+        q_lift = ik(grasp_z + 0.10, q_grasp)
+        _move(sim, q_above, g.open, 1.0)
+        _move(sim, q_grasp, g.open, 1.0)
+        assert sim.body_pose("red_cube")[2, 3] == pytest.approx(cube.size / 2, abs=3e-3)  # not pushed away
+        _move(sim, q_grasp, g.closed, 0.5)
+        assert sim.gripper() > g.closed + 0.002  # the cube stops the fingers
+        _move(sim, q_lift, g.closed, 1.0)
+        z = sim.body_pose("red_cube")[2, 3]
+        assert z > cube.size / 2 + 0.08, z
+        assert np.linalg.norm(sim.body_pose("red_cube")[:3, 3] - sim.tcp_pose()[:3, 3]) < 0.03

@@ -38,6 +38,15 @@ def _still_for(probe, seconds: float, alive) -> float:
     return probe.motion(t0)
 
 
+def _settles(probe, alive, window: float = 1.5, timeout: float = 60.0) -> bool:
+    """True once the arm moved less than STILL over some ``window`` seconds (a stop decelerates first)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and alive():
+        if _still_for(probe, window, alive) < STILL:
+            return True
+    return False
+
+
 def _moves_again(probe, alive, timeout=150.0) -> bool:
     t0 = time.monotonic()
     return probe.wait_for(lambda: probe.motion(t0) > MOVED, timeout, alive=alive)
@@ -101,6 +110,7 @@ def test_closed_loop_holds_stops_and_resumes(ros_env, tmp_path, tiny_ckpt):
         n = len(probe.twists)
         assert probe.wait_for(lambda: probe.state.startswith("holding"), 120, alive=alive), \
             explain("safety did not hold when the camera went stale")
+        assert _settles(probe, alive), explain("arm did not come to rest with a stale camera")
         assert len(probe.twists) - n <= 2, explain("policy kept acting on a stale camera")
         assert _still_for(probe, 2.0, alive) < STILL, explain("arm moved with a stale camera")
         # ... and resumes when images return (reset is harmless when nothing is latched)
@@ -111,6 +121,7 @@ def test_closed_loop_holds_stops_and_resumes(ros_env, tmp_path, tiny_ckpt):
         # 3. E-stop latches: the arm stops although the policy keeps sending actions.
         probe.estop()
         assert probe.wait_for(lambda: probe.state == "estopped", 60, alive=alive), explain("no estop")
+        assert _settles(probe, alive), explain("arm did not stop after the e-stop")
         n = len(probe.twists)
         assert _still_for(probe, 3.0, alive) < STILL, explain("arm moved while e-stopped")
         assert len(probe.twists) > n, explain("policy stopped acting during the e-stop window")
@@ -125,6 +136,7 @@ def test_closed_loop_holds_stops_and_resumes(ros_env, tmp_path, tiny_ckpt):
         os.killpg(runner.processes["policy"].pid, signal.SIGKILL)
         assert probe.wait_for(lambda: probe.state.startswith("holding"), 60, alive=alive), \
             explain("safety did not hold after the policy died")
+        assert _settles(probe, alive), explain("arm did not come to rest after the policy died")
         assert _still_for(probe, 2.0, alive) < STILL, explain("arm moved after the policy died")
         assert runner.processes["sim"].poll() is None and runner.processes["safety"].poll() is None
 
