@@ -157,15 +157,19 @@ class Step:
         pv = batch["pixel_values"].to(self.device, non_blocking=True)
         return input_ids.to(self.device), mask.to(self.device), pv, batch["image_sizes"].to(self.device)
 
-    def __call__(self, frames, engine: str, allowed=None):
+    def __call__(self, frames, engine: str, allowed=None, clock=time.perf_counter):
+        """→ (tokens (B, n), actions, seconds spent in the generation call: vision + prefill + decode)."""
         ids, mask, pv, sizes = self.inputs(frames)
+        _sync(self.device)
+        t0 = clock()
         if engine == "fast":
             out = self.fast.generate(ids, mask, pv, sizes, max_new_tokens=7, allowed_token_ids=allowed)
         else:
             out = self.model.generate_plain(ids, mask, pv, sizes, max_new_tokens=7)
         out = out.cpu().numpy()
+        t_gen = clock() - t0
         actions = [self.decoder(row) for row in out]
-        return out, actions
+        return out, actions, t_gen
 
 
 def _sync(device):
@@ -174,9 +178,10 @@ def _sync(device):
 
 
 def measure(step: Step, frames_list, iters: int, warmup: int, device, engines=("fast", "plain"),
-            allowed=None):
-    """Interleaved timings: {engine: [seconds]} and whether all tokens agreed across engines."""
+            allowed=None, clock=time.perf_counter):
+    """Interleaved timings: {engine: [step s]}, {engine: [generate-call s]}, all tokens equal."""
     times = {e: [] for e in engines}
+    gen = {e: [] for e in engines}
     equal = True
     for it in range(warmup + iters):
         frames = frames_list[it % len(frames_list)]
@@ -184,15 +189,16 @@ def measure(step: Step, frames_list, iters: int, warmup: int, device, engines=("
         toks = {}
         for e in order:
             _sync(device)
-            t0 = time.perf_counter()
-            toks[e], _ = step(frames, e, allowed if e == "fast" else None)
+            t0 = clock()
+            toks[e], _, t_gen = step(frames, e, allowed if e == "fast" else None, clock)
             _sync(device)
             if it >= warmup:
-                times[e].append(time.perf_counter() - t0)
+                times[e].append(clock() - t0)
+                gen[e].append(t_gen)
         if len(engines) == 2:
             a, b = toks[engines[0]], toks[engines[1]]
             equal &= a.shape == b.shape and bool((a == b).all())
-    return times, equal
+    return times, gen, equal
 
 
 def stats_ms(ts):
@@ -204,17 +210,20 @@ def stats_ms(ts):
 
 # --------------------------------------------------------------------------------------- results
 HEADER = ("| device | checkpoint | dtype | quant | batch | compile | fast p50 / p99 ms | fast Hz | "
-          "plain p50 / p99 ms | plain Hz | speedup | actions/s | peak GPU GB | tokens equal | machine |")
-SEP = "|" + "---|" * 15
+          "plain p50 / p99 ms | plain Hz | speedup | generate call ms fast / plain | actions/s | peak GPU GB | "
+          "tokens equal | machine |")
+SEP = "|" + "---|" * 16
 
 
 def _row(r: dict) -> str:
     peak = f"{r['peak_gb']:.2f}" if r.get("peak_gb") is not None else "–"
     plain = (f"{r['plain_p50_ms']:.1f} / {r['plain_p99_ms']:.1f}", f"{r['plain_hz']:.2f}",
              f"{r['speedup']:.2f}×") if r.get("plain_hz") else ("–", "–", "–")
+    gen = f"{r['fast_gen_ms']:.1f} / " + (f"{r['plain_gen_ms']:.1f} ({r['gen_speedup']:.2f}×)"
+                                          if r.get("plain_gen_ms") else "–")
     return (f"| {r['device']} | {r['checkpoint']} | {r['dtype']} | {r['quant']} | {r['batch']} | "
             f"{r['compile']} | {r['fast_p50_ms']:.1f} / {r['fast_p99_ms']:.1f} | {r['fast_hz']:.2f} | "
-            f"{plain[0]} | {plain[1]} | {plain[2]} | {r['actions_per_s']:.2f} | {peak} | "
+            f"{plain[0]} | {plain[1]} | {plain[2]} | {gen} | {r['actions_per_s']:.2f} | {peak} | "
             f"{r['tokens_equal']} | {r['machine']} |")
 
 
@@ -262,6 +271,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "process"],
+                    help="wall: perf_counter; process: this process's CPU time (with --threads 1 on a "
+                         "shared, oversubscribed CPU it leaves out time spent waiting for other tenants)")
     ap.add_argument("--plain-iters", type=int, default=None, help="plain-path iterations on cuda full (slow)")
     ap.add_argument("--constrained", action="store_true", help="fast path only considers action tokens")
     ap.add_argument("--seed", type=int, default=0)
@@ -278,6 +290,7 @@ def main(argv=None) -> int:
         return 2
     if a.threads:
         torch.set_num_threads(a.threads)
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
     default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, a.dtype) if a.dtype else default_dtype
     compile_mode = a.compile
@@ -290,7 +303,7 @@ def main(argv=None) -> int:
     frames_pool = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(8)]
     mach = machine() if device.type == "cpu" else f"{torch.cuda.get_device_name(device)}, {machine()}"
     if device.type == "cpu":
-        mach += f", {torch.get_num_threads()} torch threads"
+        mach += f", {torch.get_num_threads()} torch threads, {a.clock} clock"
 
     rows, summary = [], None
     for quant in [q.strip() for q in a.quant.split(",")]:
@@ -309,7 +322,7 @@ def main(argv=None) -> int:
             iters = a.iters
             if full_gpu and a.plain_iters is not None and "plain" in engines:
                 iters = a.plain_iters
-            times, equal = measure(step, frames_list, iters, a.warmup, device, engines, allowed)
+            times, gen, equal = measure(step, frames_list, iters, a.warmup, device, engines, allowed, clock)
             f50, f99 = stats_ms(times["fast"])
             peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
             r = dict(device=device.type, checkpoint=label, dtype=str(dtype).replace("torch.", ""),
@@ -319,9 +332,12 @@ def main(argv=None) -> int:
                      tokens_equal=bool(equal) if "plain" in times else None, machine=mach,
                      peak_gb=peak,
                      constrained=a.constrained)
+            r["fast_gen_ms"] = stats_ms(gen["fast"])[0]
             if "plain" in times:
                 p50, p99 = stats_ms(times["plain"])
-                r.update(plain_p50_ms=p50, plain_p99_ms=p99, plain_hz=1e3 / p50, speedup=p50 / f50)
+                r.update(plain_p50_ms=p50, plain_p99_ms=p99, plain_hz=1e3 / p50, speedup=p50 / f50,
+                         plain_gen_ms=stats_ms(gen["plain"])[0])
+                r["gen_speedup"] = r["plain_gen_ms"] / r["fast_gen_ms"]
             rows.append(r)
             print(_row(r), flush=True)
             if summary is None or (b == 1 and quant is None):

@@ -169,7 +169,6 @@ class Kinematics:
         self.upper: np.ndarray = np.minimum(cfg.position_max, model.upperPositionLimit[self._qidx])
         self.home: np.ndarray = np.clip(np.asarray(cfg.home, dtype=float), self.lower, self.upper)
         self.null_gain = float(null_gain)
-        self._null_scale = self.null_gain
         self.damping_min = float(damping_min)
         self.max_step = float(max_step)
         self.singular_tol = float(singular_tol)
@@ -185,15 +184,24 @@ class Kinematics:
         self._base_inv = oMb.inverse()
         self._R_bw = np.array(self._base_inv.rotation)  # (3, 3) world -> base axes
         self._base_is_world = bool(np.allclose(oMb.homogeneous, np.eye(4)))
-        # Reach bound for a quick "unreachable" answer: distance from the second joint's origin (the
-        # shoulder) to the TCP is at most the sum of the offsets along the chain.
+        # Reach bound for a quick "unreachable" answer: |TCP - centre| <= sum of the offsets along the
+        # chain from the centre, the second joint's origin when it lies on the first joint's axis (all
+        # supported arms: the shoulder), else the first joint's origin.
         jid = [model.getJointId(n) for n in cfg.arm_joints]
-        self.shoulder: np.ndarray = (self._base_inv * self.data.oMi[jid[1]]).translation.copy() \
-            if self.n > 1 else np.zeros(3)  # (3,) [m] origin of the second arm joint, base frame
-        reach = sum(float(np.linalg.norm(model.jointPlacements[j].translation)) for j in jid[2:])
-        f = model.frames[self._tcp]
-        reach += float(np.linalg.norm(f.placement.translation))
-        # fixed frames between the last joint and the TCP are already folded into f.placement
+        first = jid[0] if self.n > 1 else jid[-1]
+        c1 = (self._base_inv * self.data.oMi[first]).translation.copy()
+        start = 1
+        if self.n > 1:
+            pin.computeJointJacobians(model, self.data, q0)
+            a1 = self._R_bw @ pin.getJointJacobian(model, self.data, jid[0], pin.WORLD)[3:, self._vidx[0]]
+            a1 = a1 / max(float(np.linalg.norm(a1)), 1e-12)  # joint 1 axis (zero for a prismatic joint)
+            c2 = (self._base_inv * self.data.oMi[jid[1]]).translation.copy()
+            off = (c2 - c1) - a1 * float(a1 @ (c2 - c1))
+            if np.linalg.norm(off) < 1e-9:
+                c1, start = c2, 2
+        reach = sum(float(np.linalg.norm(model.jointPlacements[j].translation)) for j in jid[start:])
+        reach += float(np.linalg.norm(model.frames[self._tcp].placement.translation))  # last joint -> TCP
+        self.shoulder: np.ndarray = c1  # (3,) [m] centre of the reach bound (base frame)
         self.reach: float = reach  # [m] upper bound of |TCP - shoulder|
 
     # -------------------------------------------------------------------------------------- basics
@@ -262,34 +270,61 @@ class Kinematics:
     # ------------------------------------------------------------------------------------------ IK
     def solve(self, target: np.ndarray, q_seed, *, max_iters: int = 100, pos_tol: float = 1e-4,
               rot_tol: float = 1e-3, restarts: int = 16, rng_seed: int = 0, wrap: bool = True) -> IKResult:
-        """Joint positions that put the TCP at ``target`` (4, 4, base frame), starting from ``q_seed``.
+        """Joint positions that put the TCP at ``target`` (4, 4, base frame), starting from ``q_seed`` (n,).
 
-        Damped least squares with adaptive damping, joint limits enforced at every step (active joints at
-        a limit are frozen), and on redundant arms a null-space pull toward ``home``. If the first
-        attempt fails, up to ``restarts`` more start from ``home`` and then from random in-limit
-        configurations (deterministic: ``rng_seed``); a restart may land on another IK branch far from
-        ``q_seed``, so servo loops should use :meth:`solve_delta` (no restarts) instead.
-        Check ``ok`` before using ``q`` (see :class:`IKResult`).
+        Damped least squares with Levenberg-Marquardt damping, joint limits enforced at every step
+        (joints at a limit that the step would push further are frozen) and, on redundant arms, one
+        bounded null-space pull toward ``home``. If the first attempt fails, up to ``restarts`` more
+        start from ``home`` and then from the configurations of a table of random in-limit samples
+        (built once per instance, deterministic: ``rng_seed``) whose TCP poses are nearest the target.
+        With ``wrap``, joints whose range spans a full turn may move by 2 pi (same pose). Restarts and
+        wrapping may land on another IK branch far from ``q_seed``: servo loops should use
+        :meth:`solve_delta`, which does neither. ``max_iters`` is per attempt. Check ``ok`` before using
+        ``q`` (see :class:`IKResult`). Raises ValueError on a malformed target or seed.
         """
         T = np.asarray(target, dtype=float)
-        if T.shape != (4, 4) or not np.all(np.isfinite(T)):
+        if T.shape != (4, 4) or not np.isfinite(T).all():
             raise ValueError("target must be a finite 4x4 homogeneous matrix")
         R_t = T[:3, :3]
         if np.abs(R_t @ R_t.T - self._eye3).max() > 1e-6 or np.linalg.det(R_t) < 0:
             raise ValueError("target rotation is not a rotation matrix")
-        p_t = T[:3, 3]
-        q0 = self.clip(self._check_q(q_seed, "q_seed"))
+        q0 = np.clip(self._check_q(q_seed, "q_seed"), self.lower, self.upper)
+        return self._solve(T[:3, 3].copy(), R_t.copy(), q0, max_iters, pos_tol, rot_tol, restarts, rng_seed, wrap)
+
+    def solve_delta(self, q_from, dpos, drotvec, q_seed=None, *, max_iters: int = 50, pos_tol: float = 1e-4,
+                    rot_tol: float = 1e-3) -> IKResult:
+        """IK for a base-frame end-effector delta from ``fk(q_from)``, for servo loops.
+
+        Target = (p + dpos, Exp(drotvec) @ R) where (p, R) = fk(q_from); ``dpos`` (3,) [m], ``drotvec``
+        (3,) [rad]. Seeded at ``q_seed`` (default ``q_from``), with no restarts and no 2 pi wrapping, so
+        the answer stays on the current IK branch. A delta that points past the workspace or a joint limit
+        gives ``ok=False`` ("unreachable") with ``q`` the closest in-limit configuration found.
+        """
+        q_from = self._check_q(q_from, "q_from")
+        dp = np.asarray(dpos, dtype=float).reshape(-1)
+        dr = np.asarray(drotvec, dtype=float).reshape(-1)
+        if dp.shape != (3,) or dr.shape != (3,) or not (np.isfinite(dp).all() and np.isfinite(dr).all()):
+            raise ValueError("dpos and drotvec must be finite 3-vectors")
+        seed = q_from if q_seed is None else self._check_q(q_seed, "q_seed")
+        _, p, R = self._jac(q_from)
+        p_t = p + dp
+        R_t = np.asarray(pin.exp3(dr)) @ R
+        q0 = np.clip(seed, self.lower, self.upper)
+        return self._solve(p_t, R_t, q0, max_iters, pos_tol, rot_tol, 0, 0, False)
+
+    def _solve(self, p_t: np.ndarray, R_t: np.ndarray, q0: np.ndarray, max_iters: int, pos_tol: float,
+               rot_tol: float, restarts: int, rng_seed: int, wrap: bool) -> IKResult:
         # Quick answer: beyond the arm's reach bound.
         if np.linalg.norm(p_t - self.shoulder) > self.reach + pos_tol:
             pe, re = self._err(q0, p_t, R_t)
             return IKResult(q0, False, "unreachable", pe, re, 0)
-
         seeds = [q0]
-        if np.abs(q0 - self.home).max() > 1e-9:
-            seeds.append(self.home.copy())
         n_restarts = max(0, int(restarts))
-        if n_restarts > len(seeds) - 1:
-            seeds += list(self._nearest_samples(p_t, R_t, n_restarts + 1 - len(seeds), rng_seed))
+        if n_restarts:
+            if np.abs(q0 - self.home).max() > 1e-9:
+                seeds.append(self.home.copy())
+            if n_restarts > len(seeds) - 1:
+                seeds += list(self._nearest_samples(p_t, R_t, n_restarts + 1 - len(seeds), rng_seed))
         best = None  # (cost, q, pe, re, stagnated)
         total = 0
         for s in seeds[:1 + n_restarts]:
@@ -302,27 +337,6 @@ class Kinematics:
                 best = (cost, q, pe, re, stag)
         _, q, pe, re, stag = best
         return IKResult(q, False, self._why(q, p_t, stag), pe, re, total)
-
-    def solve_delta(self, q_from, dpos, drotvec, q_seed=None, **kw) -> IKResult:
-        """IK for a base-frame end-effector delta from ``fk(q_from)``.
-
-        Target = (p + dpos, Exp(drotvec) @ R) where (p, R) = fk(q_from); ``dpos`` (3,) [m], ``drotvec``
-        (3,) [rad]. Seeded at ``q_seed`` (default ``q_from``) with no random restarts, so the answer stays
-        on the current IK branch; extra keywords go to :meth:`solve` (max_iters, pos_tol, rot_tol).
-        """
-        q_from = self._check_q(q_from, "q_from")
-        dp = np.asarray(dpos, dtype=float).reshape(-1)
-        dr = np.asarray(drotvec, dtype=float).reshape(-1)
-        if dp.shape != (3,) or dr.shape != (3,) or not (np.all(np.isfinite(dp)) and np.all(np.isfinite(dr))):
-            raise ValueError("dpos and drotvec must be finite 3-vectors")
-        T = self.fk(q_from)
-        target = np.eye(4)
-        target[:3, 3] = T[:3, 3] + dp
-        target[:3, :3] = rotvec_to_matrix(dr) @ T[:3, :3]
-        kw.setdefault("restarts", 0)
-        kw.setdefault("wrap", False)
-        kw.setdefault("max_iters", 50)
-        return self.solve(target, q_from if q_seed is None else q_seed, **kw)
 
     # ------------------------------------------------------------------------------------ internals
     _N_SAMPLES = 4096  # size of the random-configuration table used for restart seeds
@@ -365,7 +379,7 @@ class Kinematics:
             A.flat[::7] += lam  # + lam * I (6 x 6)
             if null:
                 # Null-space pull toward home: (I - J# J) z with the damped pseudo-inverse J#.
-                z = self._null_scale * (self.home - q)
+                z = self.null_gain * (self.home - q)
                 zm = np.abs(z).max()
                 if zm > self._NULL_MAX:
                     z *= self._NULL_MAX / zm

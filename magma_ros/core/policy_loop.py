@@ -128,6 +128,10 @@ class ScriptedPolicy:
     def reset(self) -> None:
         self.index = 0
 
+    def metadata(self) -> dict:
+        """What a policy server reports to clients (the step period, like MagmaPolicy)."""
+        return {"policy": "scripted", "step_period": self.step_period, "actions": len(self.actions)}
+
     def infer(self, obs: dict) -> dict:
         self.calls += 1
         t0 = time.perf_counter()
@@ -208,6 +212,7 @@ class PolicyLoop:
         self.mailbox = Mailbox()
         self.stats = LoopStats()
         self._instruction = instruction
+        self._reset_pending = False
         self._last_action_stamp = -math.inf
         self._last_received = None  # node time of the last frame offered
         self._thread: threading.Thread | None = None
@@ -220,7 +225,12 @@ class PolicyLoop:
         self.mailbox.put(frame)
 
     def set_instruction(self, text: str) -> None:
-        self._instruction = str(text).strip()
+        """New task: used from the next inference on; a changed text also resets the policy's
+        per-episode state (``policy.reset()``, e.g. the sticky gripper) in the worker thread."""
+        text = str(text).strip()
+        if text != self._instruction:
+            self._reset_pending = True
+        self._instruction = text
 
     @property
     def instruction(self) -> str:
@@ -265,6 +275,9 @@ class PolicyLoop:
         self._last_action_stamp = stamp
         self.busy.set()
         try:
+            if self._reset_pending and hasattr(self.policy, "reset"):
+                self._reset_pending = False
+                self.policy.reset()
             out = self.policy.infer({"image": frame.image, "instruction": self._instruction})
         except Exception as e:  # the policy (network, model) must never kill the loop
             self.stats.errors += 1

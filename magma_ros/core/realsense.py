@@ -215,6 +215,8 @@ class StreamConfig:
     height: int = 480  # [px]
     fps: int = 30  # [Hz]
     serial: str = ""  # pick this device; "" = the first one found
+    depth_width: int = 0  # [px] depth sensor mode before alignment; 0 = same as colour
+    depth_height: int = 0  # [px] (e.g. 848x480 with 1920x1080 colour: the D435 depth has no 1080p mode)
 
 
 class RealSenseDevice:
@@ -241,7 +243,8 @@ class RealSenseDevice:
             if self.cfg.serial:
                 cfg.enable_device(self.cfg.serial)
             cfg.enable_stream(rs.stream.color, self.cfg.width, self.cfg.height, rs.format.rgb8, self.cfg.fps)
-            cfg.enable_stream(rs.stream.depth, self.cfg.width, self.cfg.height, rs.format.z16, self.cfg.fps)
+            dw, dh = self.cfg.depth_width or self.cfg.width, self.cfg.depth_height or self.cfg.height
+            cfg.enable_stream(rs.stream.depth, dw, dh, rs.format.z16, self.cfg.fps)
             pipe = rs.pipeline()
             profile = pipe.start(cfg)
         except RuntimeError as e:

@@ -209,11 +209,13 @@ class SafetyFilter:
         self.gripper_names = {g.joint, NORMALIZED_GRIPPER}
         self.ignored_names = set(g.mimic_joints)
         self._known = set(self.index) | self.gripper_names | self.ignored_names
-        self._fk = fk
-        if cfg.workspace_enabled and fk is None:
-            from magma_ros.core.kinematics import Kinematics  # lazy: pinocchio only when the box is on
+        self._fk = None  # TCP pose (4, 4) in the base frame from q; only with the workspace check
+        if cfg.workspace_enabled:
+            if fk is None:
+                from magma_ros.core.kinematics import Kinematics  # lazy: pinocchio only when needed
 
-            self._fk = Kinematics(robot).fk
+                fk = Kinematics(robot).fk
+            self._fk = fk
         self._ws_lo = np.asarray(cfg.workspace_min, float)
         self._ws_hi = np.asarray(cfg.workspace_max, float)
         self._ws_lo[2] = max(self._ws_lo[2], cfg.min_tcp_height)

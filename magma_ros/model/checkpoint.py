@@ -121,9 +121,7 @@ def magma_config_dict(s: TinySizes, mm_use_image_start_end: bool = True) -> dict
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
     }
-    d.update(
-        {k: v for k, v in text.items() if k not in ("model_type", "architectures")}
-    )  # as MagmaConfig does
+    d.update({k: v for k, v in text.items() if k not in ("model_type", "architectures")})  # as MagmaConfig does
     d.update({"text_config": text, "vision_config": vision})
     return d
 

@@ -362,12 +362,12 @@ class FastGenerator:
         self.reuse_prefix = bool(reuse_prefix and self.image_token_id is not None)
         self._prefix_cache: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
         self._prefix_cache_size = prefix_cache_size
+        self._bias_cache: dict = {}
         self.compile = compile
         vt = getattr(model, "vision_tower", None)
         self._vision = vt
         if vt is not None and (compile_vision if compile_vision is not None else bool(compile)):
-            self._vision = torch.compile(vt, mode="max-autotune-no-cudagraphs" if self.device.type == "cuda"
-                                         else None)
+            self._vision = torch.compile(vt)
         self._decode = decode_one_token
         if compile:
             # weights and caches keep their addresses: CUDA graphs may read them in place
@@ -489,11 +489,14 @@ class FastGenerator:
         tok = pick(logits, None if bias is None else bias[0], finished, self.eos, self.pad)
         out[:, 0] = tok
         cur_pos = pos[:, -1]  # (B,) last prompt position
+        # every slot index the loop will use, made on the device once (a host→device copy inside
+        # the loop would wait for the queued GPU work: a host sync per step)
+        slots = torch.arange(L, L + max_new_tokens, device=self.device)  # (n,)
         for t in range(1, max_new_tokens):
             slot = L + t - 1
             cur_pos = cur_pos + 1
             valid[:, slot] = True
-            slot_t = torch.tensor([slot], device=self.device)
+            slot_t = slots[t - 1:t]  # (1,)
             if self.compile:  # static shapes for the compiled / CUDA-graph step
                 kv_len, dmask = e.max_seq_len, e.valid[:B, None, None, :]
             else:
@@ -508,21 +511,27 @@ class FastGenerator:
         return out[:, :n]
 
     def _bias(self, allowed, n: int, V: int) -> Tensor | None:
-        # → (n, V) float32 additive bias (0 allowed / -inf not) or None
+        # → (n, V) float32 additive bias (0 allowed / -inf not) or None; validated on the host,
+        # built on the device once per distinct spec
         if allowed is None:
             return None
         if isinstance(allowed, Tensor):
             allowed = allowed.tolist()
-        per_step = len(allowed) > 0 and not isinstance(allowed[0], int)
+        per_step = len(allowed) > 0 and (allowed[0] is None or hasattr(allowed[0], "__len__"))
         steps = list(allowed) if per_step else [allowed] * n
-        steps = (steps + [None] * n)[:n]
-        bias = torch.zeros(n, V, dtype=torch.float32, device=self.device)
+        steps = [None if ids is None else tuple(int(i) for i in ids) for ids in (steps + [None] * n)[:n]]
+        key = (V, tuple(steps))
+        hit = self._bias_cache.get(key)
+        if hit is not None:
+            return hit
+        bias = torch.zeros(n, V, dtype=torch.float32)
         for t, ids in enumerate(steps):
             if ids is None:
                 continue
-            ids = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)
-            if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= V:
+            if not ids or min(ids) < 0 or max(ids) >= V:
                 raise ValueError(f"allowed_token_ids at step {t} must be non-empty ids in [0, {V})")
             bias[t].fill_(float("-inf"))
-            bias[t, ids] = 0.0
+            bias[t, list(ids)] = 0.0
+        bias = bias.to(self.device)
+        self._bias_cache = {key: bias}  # keep the latest spec only
         return bias

@@ -47,9 +47,7 @@ def resolve_checkpoint(path_or_hub_id: str | Path, revision: str | None = None) 
         return p
     s = str(path_or_hub_id)
     if p.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
-        raise ConfigError(
-            f"checkpoint '{s}' is neither a local directory nor a hub id like 'microsoft/Magma-8B'"
-        )
+        raise ConfigError(f"checkpoint '{s}' is neither a local directory nor a hub id like 'microsoft/Magma-8B'")
     from huggingface_hub import snapshot_download
 
     try:
@@ -168,9 +166,7 @@ def load_magma(
         if renamed[k] in expected:
             by_file.setdefault(p, []).append(k)
     shards = sorted(by_file)
-    for path in tqdm(
-        shards, desc="Loading Magma shards", unit="shard", disable=not progress or len(shards) < 2
-    ):
+    for path in tqdm(shards, desc="Loading Magma shards", unit="shard", disable=not progress or len(shards) < 2):
         with safe_open(str(path), framework="pt", device=str(dev)) as f:
             sd = {renamed[k]: f.get_tensor(k).to(dtype) for k in by_file[path]}
         model.load_state_dict(sd, strict=False, assign=True)

@@ -126,9 +126,7 @@ class MagmaConfig:
             text_config=lcfg,
             pad_token_id=pad,
             image_token_index=int(d.get("image_token_index", 128257)),
-            mm_use_image_start_end=bool(
-                top_flag if top_flag is not None else vc.get("mm_use_im_start_end", False)
-            ),
+            mm_use_image_start_end=bool(top_flag if top_flag is not None else vc.get("mm_use_im_start_end", False)),
             anyres_strategy=str(vc.get("img_anyres_strategy", vc.get("anyres_strategy", "crop"))),
             img_size=int(vc.get("img_size", 512)),
             max_num_crops=int(vc.get("max_num_crops", 4)),
@@ -186,9 +184,7 @@ def _output_cache(out) -> Any:
 class MagmaModel(nn.Module):
     """Magma-8B-style vision-language model; see the module docstring for the input conventions."""
 
-    def __init__(
-        self, config: MagmaConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ):
+    def __init__(self, config: MagmaConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         from transformers import LlamaForCausalLM
 
@@ -261,15 +257,11 @@ class MagmaModel(nn.Module):
         if image_sizes.dim() == 2:  # (n_images, 2) for a single sample
             image_sizes = image_sizes.unsqueeze(0)
         if image_sizes.dim() != 3 or image_sizes.shape[0] != batch_size or image_sizes.shape[-1] != 2:
-            raise ValueError(
-                f"image_sizes must be (B={batch_size}, n_images, 2), got {tuple(image_sizes.shape)}"
-            )
+            raise ValueError(f"image_sizes must be (B={batch_size}, n_images, 2), got {tuple(image_sizes.shape)}")
         sizes = [[(int(r), int(c)) for r, c in s.tolist() if r + c > 0] for s in image_sizes]
         if pixel_values.dim() == 5:  # (B, max_crops, 3, S, S): each sample's crops first, zero padding after
             if pixel_values.shape[0] != batch_size:
-                raise ValueError(
-                    f"pixel_values batch {pixel_values.shape[0]} != input_ids batch {batch_size}"
-                )
+                raise ValueError(f"pixel_values batch {pixel_values.shape[0]} != input_ids batch {batch_size}")
             parts = []
             for pv, s in zip(pixel_values, sizes):
                 n = sum(r * c for r, c in s)
@@ -295,9 +287,7 @@ class MagmaModel(nn.Module):
         """
         b = torch.as_tensor(image_sizes).shape[0] if torch.as_tensor(image_sizes).dim() == 3 else 1
         sizes, crops = self._split_images(pixel_values, image_sizes, b)
-        crops = crops.to(
-            device=self.device, dtype=self.vision_tower.clip_vision_model.trunk.stem[0].weight.dtype
-        )
+        crops = crops.to(device=self.device, dtype=self.vision_tower.clip_vision_model.trunk.stem[0].weight.dtype)
         flat = [rc for s in sizes for rc in s]
         sep = self.multi_modal_projector.row_seperator  # (1, 1, H)
         feats: list[torch.Tensor] = []
@@ -306,13 +296,7 @@ class MagmaModel(nn.Module):
             for r, c in flat:
                 pv = crops[start : start + r * c]  # (r*c, 3, S, S) -> one (1, 3, r*S, c*S) image
                 start += r * c
-                pv = (
-                    pv.view(r, c, *pv.shape[1:])
-                    .permute(2, 0, 3, 1, 4)
-                    .flatten(3, 4)
-                    .flatten(1, 2)
-                    .unsqueeze(0)
-                )
+                pv = pv.view(r, c, *pv.shape[1:]).permute(2, 0, 3, 1, 4).flatten(3, 4).flatten(1, 2).unsqueeze(0)
                 f = self.multi_modal_projector(self.vision_tower(pv)[0].permute(1, 2, 0))  # (h, w, H)
                 if self.config.mm_use_row_seperator:
                     f = torch.cat((f, sep.repeat(f.shape[0], 1, 1).to(f.dtype)), dim=1)
@@ -321,9 +305,7 @@ class MagmaModel(nn.Module):
             x = self.vision_tower(crops).permute(0, 2, 3, 1)  # (N, h, w, C)
             x = self.multi_modal_projector(x)  # (N, h, w, H)
             for f, (r, c) in zip(torch.split(x, [r * c for r, c in flat], 0), flat):
-                f = (
-                    f.view(r, c, *f.shape[1:]).permute(0, 2, 1, 3, 4).flatten(2, 3).flatten(0, 1)
-                )  # (r*h, c*w, H)
+                f = f.view(r, c, *f.shape[1:]).permute(0, 2, 1, 3, 4).flatten(2, 3).flatten(0, 1)  # (r*h, c*w, H)
                 if self.config.mm_use_row_seperator:
                     f = torch.cat((f, sep.repeat(f.shape[0], 1, 1).to(f.dtype)), dim=1)  # (r*h, c*w+1, H)
                 feats.append(f.flatten(0, 1))
@@ -376,9 +358,7 @@ class MagmaModel(nn.Module):
             pos_img = (input_ids[b] == img_tok) & keep
             n_tok = int(pos_img.sum())
             if n_tok != len(feats[b]):
-                raise ValueError(
-                    f"sample {b}: {n_tok} <image> tokens but {len(feats[b])} images in image_sizes"
-                )
+                raise ValueError(f"sample {b}: {n_tok} <image> tokens but {len(feats[b])} images in image_sizes")
             pieces, start, k = [], 0, 0
             idx = torch.nonzero(pos_img).flatten().tolist()
             for i in idx + [input_ids.shape[1]]:

@@ -45,12 +45,20 @@ class ProcessorConfig:
         )
 
 
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir) -> ProcessorConfig:
+        """Read ``preprocessor_config.json`` of a checkpoint directory (defaults when it has none)."""
+        import json
+        from pathlib import Path
+
+        p = Path(checkpoint_dir) / "preprocessor_config.json"
+        return cls.from_dict(json.loads(p.read_text())) if p.is_file() else cls()
+
+
 DEFAULT = ProcessorConfig()
 
 
-def select_best_resolution(
-    original_size: tuple[int, int], possible: Sequence[tuple[int, int]]
-) -> tuple[int, int]:
+def select_best_resolution(original_size: tuple[int, int], possible: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """LLaVA-NeXT rule. original_size and candidates are (width, height); returns (width, height)."""
     ow, oh = original_size
     best, best_eff, best_waste = None, 0, float("inf")

@@ -56,9 +56,7 @@ def llama3_tokenizer_model_path() -> Path:
 
     spec = importlib.util.find_spec("llama_models")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "build_llama3_tokenizer needs the 'llama-models' package (pip install llama-models)"
-        )
+        raise ImportError("build_llama3_tokenizer needs the 'llama-models' package (pip install llama-models)")
     p = Path(next(iter(spec.submodule_search_locations))) / "llama3" / "tokenizer.model"
     if not p.is_file():
         raise FileNotFoundError(f"{p} is missing from the llama-models install")
@@ -74,9 +72,7 @@ def _tokenizer_json(added_tokens: tuple[str, ...]) -> str:
         vocab_file=str(llama3_tokenizer_model_path()), extra_special_tokens=LLAMA3_SPECIAL_TOKENS
     ).converted()
     if tok.get_vocab_size(with_added_tokens=False) != LLAMA3_BASE_VOCAB:
-        raise RuntimeError(
-            f"unexpected Llama-3 base vocabulary {tok.get_vocab_size(with_added_tokens=False)}"
-        )
+        raise RuntimeError(f"unexpected Llama-3 base vocabulary {tok.get_vocab_size(with_added_tokens=False)}")
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in added_tokens])
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.Sequence(

@@ -66,9 +66,7 @@ class VisionTowerConfig:
         kernel = int(kdw[-1]) if kdw is not None else 7
         fc1 = shapes.get(TRUNK_PREFIX + "stages.0.blocks.0.mlp.fc1.weight")
         if fc1 is not None and int(fc1[0]) != 4 * dims[0]:
-            raise ValueError(
-                f"ConvNeXt mlp ratio {int(fc1[0]) / dims[0]:g} is not supported (timm fixes it at 4)"
-            )
+            raise ValueError(f"ConvNeXt mlp ratio {int(fc1[0]) / dims[0]:g} is not supported (timm fixes it at 4)")
         proj = shapes.get(HEAD_PROJ_KEY)
         return cls(
             depths=tuple(blocks[i] for i in range(n)),
@@ -106,9 +104,7 @@ class ClipVisionModel(nn.Module):
         )
         if cfg.head_proj_dim is not None:
             self.head = nn.Module()
-            self.head.proj = nn.Linear(
-                cfg.dims[-1], cfg.head_proj_dim, bias=False, device=device, dtype=dtype
-            )
+            self.head.proj = nn.Linear(cfg.dims[-1], cfg.head_proj_dim, bias=False, device=device, dtype=dtype)
 
 
 class MagmaVisionTower(nn.Module):

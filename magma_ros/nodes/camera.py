@@ -100,6 +100,8 @@ class CameraNodeConfig:
     width: int = 640  # [px] colour and aligned depth
     height: int = 480  # [px]
     fps: int = 30  # [Hz] device frame rate
+    depth_width: int = 0  # [px] depth sensor mode (aligned to colour before publishing); 0 = as colour
+    depth_height: int = 0  # [px]
     camera_config: str = ""  # config/cameras/<name>.yaml for the frame names and TF; "" = d435
     frame_timeout: float = 1.0  # [s] no frame for this long = device lost -> reconnect
     reconnect_period: float = 1.0  # [s] between reconnect attempts
@@ -118,7 +120,8 @@ class CameraNodeConfig:
 
 def make_device(cfg: CameraNodeConfig) -> CameraDevice:
     """The device named by ``cfg.device``."""
-    stream = StreamConfig(width=cfg.width, height=cfg.height, fps=cfg.fps, serial=cfg.serial)
+    stream = StreamConfig(width=cfg.width, height=cfg.height, fps=cfg.fps, serial=cfg.serial,
+                          depth_width=cfg.depth_width, depth_height=cfg.depth_height)
     if cfg.device == "fake":
         return FakeRealSense(stream, unplug_after=cfg.fake_unplug_after, unplug_for=cfg.fake_unplug_for)
     return RealSenseDevice(stream)

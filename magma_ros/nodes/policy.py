@@ -226,12 +226,7 @@ def make_node():
                 self.tom.offer(f)
 
         def on_instruction(self, msg) -> None:
-            self.loop.set_instruction(msg.data)
-            if hasattr(self.policy, "reset"):
-                try:
-                    self.policy.reset()
-                except Exception as e:  # a remote reset may fail; the next infer reports
-                    self.get_logger().warning(f"policy reset failed: {e}")
+            self.loop.set_instruction(msg.data)  # the worker resets the policy's episode state
             self.get_logger().info(f"instruction: '{self.loop.instruction}'")
 
         # ---------------------------------------------------------- outputs (worker threads)

@@ -311,8 +311,6 @@ def _make_node():
                         if p is not None and t >= due[k] - 1e-9:
                             due[k] = max(due[k] + p, t + 0.5 * p) if due[k] else t + p
                             self._publish(k, t)
-                if self.now() < anchor_sim:  # a reset moved the clock base; keep the anchor sane
-                    anchor_sim = self.now()
                 if wall - report_wall >= cfg.report_period:
                     self._report(self.now() - report_sim, wall - report_wall, steps - report_steps)
                     report_wall, report_sim, report_steps = wall, self.now(), steps

@@ -52,10 +52,7 @@ def test_files_and_config_schema(ckpt_b):
     assert cfg["architectures"] == ["MagmaForCausalLM"] and cfg["image_token_index"] == 128257
     assert cfg["mm_use_image_start_end"] is True
     assert cfg["text_config"]["num_key_value_heads"] == 1 and cfg["text_config"]["vocab_size"] == 128263
-    assert (
-        cfg["vision_config"]["mm_projector_type"] == "mlp2x_gelu"
-        and cfg["vision_config"]["mm_hidden_size"] == 40
-    )
+    assert cfg["vision_config"]["mm_projector_type"] == "mlp2x_gelu" and cfg["vision_config"]["mm_hidden_size"] == 40
     gen = json.loads((ckpt_b / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (128000, 128009, 128256)
     pre = json.loads((ckpt_b / "preprocessor_config.json").read_text())
@@ -65,9 +62,7 @@ def test_files_and_config_schema(ckpt_b):
 def test_round_trip_other_sizes(ckpt_b, model_b):
     sd, ref = model_b.state_dict(), load_file(str(ckpt_b / "model.safetensors"))
     assert set(sd) == set(ref) and all(torch.equal(sd[k], v) for k, v in ref.items())
-    assert model_b.config.vision == VisionTowerConfig(
-        depths=(2, 1, 1, 1), dims=(8, 16, 24, 40), head_proj_dim=20
-    )
+    assert model_b.config.vision == VisionTowerConfig(depths=(2, 1, 1, 1), dims=(8, 16, 24, 40), head_proj_dim=20)
     attn = model_b.language_model.model.layers[0].self_attn
     assert attn.q_proj.weight.shape == (16, 16) and attn.k_proj.weight.shape == (8, 16)  # 2 heads, 1 kv, d 8
     assert model_b.multi_modal_projector.proj[0].weight.shape == (16, 40)
@@ -124,9 +119,7 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path, ckpt_b):
         str(write_tiny_checkpoint(tmp_path / "a", seed=2002, tokenizer=False, **TINY_B) / "model.safetensors")
     )
     b = load_file(str(ckpt_b / "model.safetensors"))
-    c = load_file(
-        str(write_tiny_checkpoint(tmp_path / "c", seed=7, tokenizer=False, **TINY_B) / "model.safetensors")
-    )
+    c = load_file(str(write_tiny_checkpoint(tmp_path / "c", seed=7, tokenizer=False, **TINY_B) / "model.safetensors"))
     k = "vision_tower.clip_vision_model.trunk.stages.0.blocks.1.gamma"
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not torch.equal(a[k], c[k])
@@ -192,7 +185,5 @@ def test_batch_of_multi_image_prompts_equals_each_prompt_alone(model_b):
         assert torch.equal(pos[i, -n:], p1[0])
     out = model_b(ids, mask, batch["pixel_values"], batch["image_sizes"], logits_to_keep=1)
     for i, (t, s) in enumerate(zip((one, two), samples)):
-        alone = model_b(
-            torch.tensor([t]), None, s["pixel_values"][None], s["image_sizes"][None], logits_to_keep=1
-        )
+        alone = model_b(torch.tensor([t]), None, s["pixel_values"][None], s["image_sizes"][None], logits_to_keep=1)
         torch.testing.assert_close(out.logits[i, -1], alone.logits[0, -1], atol=1e-4, rtol=1e-4)

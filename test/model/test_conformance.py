@@ -82,9 +82,7 @@ def test_case_matches_official(model, pixels, n):
     torch.testing.assert_close(torch.logsumexp(out.logits, -1)[att], ref["logits_logsumexp"][att], **TOL)
 
     gen = model.generate_plain(**inp, max_new_tokens=12)
-    assert torch.equal(gen, ref["generated_ids"]), (
-        f"case {n}: {gen.tolist()} vs {ref['generated_ids'].tolist()}"
-    )
+    assert torch.equal(gen, ref["generated_ids"]), f"case {n}: {gen.tolist()} vs {ref['generated_ids'].tolist()}"
 
 
 def test_manual_greedy_loop_with_cache_matches_official(model, pixels):
@@ -103,9 +101,7 @@ def test_manual_greedy_loop_with_cache_matches_official(model, pixels):
             toks.append(nxt)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             pos = pos[:, -1:] + 1
-            out = lm(
-                input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
-            )
+            out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
             nxt = out.logits[:, -1].argmax(-1)
     assert torch.equal(torch.stack(toks, 1), ref["generated_ids"])
 

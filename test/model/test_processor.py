@@ -148,3 +148,14 @@ def test_chat_template_gives_magmas_double_bos_prompt(tok):
     )  # fmt: skip
     assert ids == want
     assert tok(prompt, add_special_tokens=False)["input_ids"] == want[1:]
+
+
+def test_processor_config_from_checkpoint(tmp_path):
+    from magma_ros.model.processor import ProcessorConfig
+
+    cfg = ProcessorConfig.from_pretrained(FIXTURES / "magma_tiny" / "tiny_a")  # the released values
+    assert cfg == ProcessorConfig() and cfg.num_crops == 4 and cfg.base_img_size == 512
+    (tmp_path / "preprocessor_config.json").write_text('{"num_crops": 1, "base_img_size": 512}')
+    one = ProcessorConfig.from_pretrained(tmp_path)
+    out = preprocess(np.zeros((480, 640, 3), np.uint8), one)
+    assert out["image_sizes"].tolist() == [[1, 1]] and out["pixel_values"].shape[0] == 1

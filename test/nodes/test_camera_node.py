@@ -41,15 +41,18 @@ def test_fake_device_publishes_consistent_frames_and_reconnects_after_unplug(nod
     first = rclpy_node.spin_until(lambda: min(len(pr.color), len(pr.depth), len(pr.info)) >= 5, WAIT)
     assert first, nodes.log(proc)
 
-    def reconnected():
-        arrivals = [a for a, _ in pr.color]
-        gaps = np.diff(arrivals) if len(arrivals) > 1 else np.array([0.0])
-        return gaps.max() > 1.0 and arrivals[-1] - arrivals[int(np.argmax(gaps)) + 1] > 0.3
-
-    assert rclpy_node.spin_until(reconnected, WAIT), nodes.log(proc)
+    # the fake unplugs every 20 frames: the node logs the loss, reconnects, and frames flow again
+    # (count connections from now on: discovery may have taken longer than the first cycle)
+    k = nodes.log(proc).count("streaming from FakeRealSense")
+    assert rclpy_node.spin_until(lambda: nodes.log(proc).count("streaming from FakeRealSense") > k, WAIT), \
+        nodes.log(proc)
+    n_at_reconnect = len(pr.color)
+    assert rclpy_node.spin_until(lambda: len(pr.color) >= n_at_reconnect + 3, WAIT), nodes.log(proc)
     assert proc.poll() is None
     log = nodes.log(proc)
-    assert "device lost" in log and log.count("streaming from FakeRealSense") >= 2
+    assert log.index("device lost") < log.rindex("streaming from FakeRealSense")
+    arrivals = np.array([a for a, _ in pr.color])
+    assert np.diff(arrivals).max() > 1.0  # the unplug really interrupted the stream (1.5 s)
 
     # the three topics of one frame carry the same stamp; encodings, sizes, units as realsense2_camera
     c_stamps = {_t(m.header.stamp) for _, m in pr.color}

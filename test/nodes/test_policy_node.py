@@ -193,6 +193,33 @@ def test_stale_or_missing_camera_publishes_nothing_and_reports(nodes, rclpy_node
     assert proc.poll() is None
 
 
+def test_remote_policy_takes_the_step_period_from_the_server(nodes, rclpy_node):
+    from magma_ros.core.policy_loop import ScriptedPolicy
+    from magma_ros.serve.server import PolicyServer, ServerConfig
+
+    period = 1.0 / 3.0  # Google robot / RT-1 rate, known only to the server
+    server = PolicyServer(ScriptedPolicy(SCRIPT, loop=True, step_period=period), ServerConfig(port=0))
+    port = server.start_in_thread()
+    try:
+        proc = nodes.start("policy", {"policy": "remote", "host": "127.0.0.1", "port": port, "robot": "fr3"})
+        probe = Probe(rclpy_node)
+        wait_ready(probe, nodes, proc)
+        assert probe.wait(lambda: len(probe.twists) >= 2, 30.0), nodes.dump()
+        for tw, a in zip(probe.twists, SCRIPT):
+            lin = np.array([tw.twist.linear.x, tw.twist.linear.y, tw.twist.linear.z])
+            assert np.allclose(lin * period, a[:3], atol=1e-9)
+        st = [to_s(t.header.stamp) for t in probe.twists]
+        assert np.all(np.diff(st) >= 0.9 * period)
+        # the server goes away: nothing is published, the node stays up and reports
+        server.stop()
+        n = len(probe.twists)
+        ok = probe.wait(lambda: any("policy error" in d.message for d in probe.diags), 30.0)
+        assert ok, nodes.dump()
+        assert len(probe.twists) <= n + 1 and proc.poll() is None
+    finally:
+        server.stop()
+
+
 # ----------------------------------------------------------------------------- tiny real checkpoint
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):

@@ -88,7 +88,8 @@ def test_closed_loop_holds_stops_and_resumes(ros_env, tmp_path, tiny_ckpt):
     relay_pub = probe.node.create_publisher(Image, "test/image_raw", 2)
     probe.image_callbacks.append(lambda m: relay["on"] and relay_pub.publish(m))
     args = {"robot": ROBOT, "policy": "local", "model": str(tiny_ckpt), "constrained": "true",
-            "step_period": "0.1", "image_topic": "test/image_raw", "tom_rate": "0.0"}
+            "step_period": "0.1", "image_topic": "test/image_raw", "tom_rate": "0.0",
+            "width": "320", "height": "240"}  # small images: the relay through this process stays cheap
     runner = LaunchRunner("sim.launch.yaml", args, env=ros_env, log_dir=tmp_path / "logs", echo=False,
                           required=("sim", "safety", "servo"))
     runner.start()
