@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     img.data = np.random.default_rng(0).integers(0, 255, 480 * 640 * 3, dtype=np.uint8).tobytes()
 
     args = {"robot": a.robot, "policy": "scripted", "scripted_actions": SCRIPT, "scripted_loop": "true",
-            "step_period": "0.2", "image_topic": IMAGE_TOPIC, "camera_fps": "0.0", "tom_rate": "0.0"}
+            "step_period": "0.2", "image_topic": IMAGE_TOPIC, "camera_fps": "0.0", "tom_rate": "0.0",
+            "image_timeout": "5.0"}  # this process stamps with the /clock it last saw, which can lag under load
     logs = Path(tempfile.mkdtemp(prefix="magma_pipeline_"))
     runner = LaunchRunner("sim.launch.yaml", args, log_dir=logs, echo=False,
                           required=("sim", "safety", "servo", "policy"))

@@ -19,6 +19,7 @@ import argparse
 import os
 import random
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -388,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="[s] give up after this long")
     ap.add_argument("--verbose", action="store_true", help="show every node's output")
     a = ap.parse_args(argv)
+
+    def on_term(signum, _frame):  # stop the graph (children run in their own process groups)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         choose(a.robot, ROBOTS, "robot")
         choose(a.controller, CONTROLLERS, "controller")

@@ -111,6 +111,8 @@ class IKResult:
 class Kinematics:
     """FK, Jacobian and damped-least-squares IK of one arm (pinocchio model of the arm joints only).
 
+    Not thread-safe (one pinocchio ``Data`` per instance): use one instance per thread.
+
     Args:
         robot: a :class:`RobotConfig` or a robot name / YAML path for :func:`load_robot`.
         null_gain: gain of the null-space pull toward ``home`` on redundant arms (Franka): each solve's

@@ -174,7 +174,7 @@ class SafetyNode(Node):
             msg.joint_names = list(r.arm_joints)
             pts = [out.positions]
             if self.cfg.jtc_braking_tail:
-                pts += list(self.filter.braking_tail())
+                pts += list(self.filter.braking_tail(max_points=1000))
             for i, q in enumerate(pts):
                 msg.points.append(JointTrajectoryPoint(positions=[float(x) for x in q],
                                                        time_from_start=_duration((i + 1) * self.dt)))

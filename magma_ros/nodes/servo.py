@@ -49,6 +49,7 @@ def make_node():
             if self.cfg.settle_time > 0:
                 self.create_timer(self.cfg.keepalive_period / 2, self.on_keepalive)
             self._last_reason = ""
+            self._spacing_warned = False
             self._Duration, self._Point, self._Traj = Duration, JointTrajectoryPoint, JointTrajectory
             self._diag = (DiagnosticArray, DiagnosticStatus, KeyValue)
             self.get_logger().info(
@@ -74,6 +75,13 @@ def make_node():
             res = self.servo.on_twist(_stamp_s(msg.header.stamp), (tw.linear.x, tw.linear.y, tw.linear.z),
                                       (tw.angular.x, tw.angular.y, tw.angular.z), self.now())
             self._handle(res)
+            sp = self.servo.last_spacing
+            if res.command is not None and sp is not None and sp < 0.8 * self.cfg.step_period \
+                    and not self._spacing_warned:
+                self._spacing_warned = True
+                self.get_logger().warning(
+                    f"twists arrive {sp:.3f} s apart but step_period is {self.cfg.step_period} s: does the "
+                    "policy use the same step_period? (each twist is applied for step_period)")
 
         def on_gripper(self, msg) -> None:
             res = self.servo.on_gripper(msg.data, 0.0, self.now())  # Float64 has no stamp: "now"

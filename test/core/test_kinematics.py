@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from magma_ros.core.errors import ConfigError
 from magma_ros.core.kinematics import (
@@ -266,6 +268,27 @@ def test_infeasible_targets_inside_the_quick_reach_bound(robot, dist, yaw):
     assert not res.ok
     assert res.status in ("unreachable", "singular")
     assert np.all(res.q >= k.lower) and np.all(res.q <= k.upper)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(robot=st.sampled_from(ROBOTS), seed=st.integers(0, 2**32 - 1),
+       xyz=st.tuples(*[st.floats(-1.2, 1.2)] * 3), rotvec=st.tuples(*[st.floats(-3.0, 3.0)] * 3))
+def test_any_target_gives_in_limit_answer_and_honest_errors(robot, seed, xyz, rotvec):
+    """Arbitrary (mostly unreachable) targets and seeds: never outside the limits, never an exception,
+    and the reported errors are the errors of the returned q."""
+    k = get_kin(robot)
+    target = np.eye(4)
+    target[:3, :3] = rotvec_to_matrix(rotvec)
+    target[:3, 3] = xyz
+    q_seed = np.random.default_rng(seed).uniform(k.lower - 0.5, k.upper + 0.5)  # may start out of limits
+    res = k.solve(target, q_seed, max_iters=40, restarts=2)
+    assert np.all(res.q >= k.lower) and np.all(res.q <= k.upper)
+    assert res.status in ("ok", "unreachable", "singular", "max_iters") and res.ok == (res.status == "ok")
+    T = REFERENCE[robot](res.q)
+    assert res.pos_err == pytest.approx(np.linalg.norm(T[:3, 3] - target[:3, 3]), abs=1e-9)
+    assert res.rot_err == pytest.approx(rot_angle(T[:3, :3], target[:3, :3]), abs=5e-4)
+    if res.ok:
+        assert res.pos_err <= 1e-4 and res.rot_err <= 1e-3
 
 
 def test_seed_outside_limits_is_clipped(kin):
