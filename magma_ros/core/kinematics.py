@@ -93,10 +93,12 @@ def pose_error(target: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.
 class IKResult:
     """Outcome of an IK solve.
 
-    ``ok`` is True only when the pose error is within tolerance. Otherwise ``status`` says why
-    ("unreachable": no in-limit configuration reaches the target; "singular": stuck at a singular
-    configuration; "max_iters": still converging when the iteration budget ran out) and ``q`` is the best
-    in-limit configuration found, which callers must not send to an arm blindly.
+    ``ok`` is True only when the pose error is within tolerance. Otherwise ``status`` says why:
+    "unreachable" (beyond the reach bound, or every attempt got stuck short of the target: past the
+    workspace, blocked by joint limits, or, rarely, a reachable target the search missed), "singular"
+    (stuck at a singular configuration with the target within reach) or "max_iters" (still converging
+    when the iteration budget ran out). Then ``q`` is the best in-limit configuration found, which
+    callers must not send to an arm blindly.
     """
 
     q: np.ndarray  # (n,) [rad] arm joints in config order, always within [lower, upper]
@@ -158,7 +160,8 @@ class Kinematics:
         self.data = model.createData()
         self._tcp = model.getFrameId(cfg.tcp_link)
         self._base = model.getFrameId(cfg.base_link)
-        if model.frames[self._base].parentJoint != 0:
+        base_frame = model.frames[self._base]
+        if getattr(base_frame, "parentJoint", getattr(base_frame, "parent", 0)) != 0:  # pinocchio 3 / 2
             raise ConfigError(f"robot '{cfg.name}': base_link '{cfg.base_link}' must not move with the arm")
         self._qidx = np.array([model.joints[model.getJointId(n)].idx_q for n in cfg.arm_joints])
         self._vidx = np.array([model.joints[model.getJointId(n)].idx_v for n in cfg.arm_joints])

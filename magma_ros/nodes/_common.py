@@ -15,6 +15,11 @@ from collections.abc import Callable
 
 from magma_ros.core.errors import ConfigError
 
+try:
+    from rcl_interfaces.msg import ParameterDescriptor
+except ImportError:  # pragma: no cover - rclpy always ships it
+    ParameterDescriptor = None
+
 
 def declare_config(node, cls, prefix: str = "", **defaults):
     """Declare a ROS parameter per dataclass field of ``cls`` and return a filled instance.
@@ -37,18 +42,47 @@ def declare_config(node, cls, prefix: str = "", **defaults):
             raise ConfigError(f"parameter '{prefix}{f.name}' is required")
         if isinstance(default, tuple):
             default = list(default)
-        value = node.declare_parameter(prefix + f.name, default).value
-        t = hints.get(f.name)
-        origin = typing.get_origin(t)
-        if origin in (tuple, list) and value is not None:
-            value = tuple(value)
-        elif t is float and isinstance(value, int):
-            value = float(value)
-        values[f.name] = value
+        # dynamic typing: `-p rate:=5` (an int) must not crash a float parameter; coerce below.
+        value = node.declare_parameter(prefix + f.name, default, ParameterDescriptor(dynamic_typing=True)).value
+        values[f.name] = _coerce(prefix + f.name, value, hints.get(f.name))
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def _coerce(name: str, value, t):
+    """Convert a parameter value to the dataclass field type ``t``; one-line ConfigError if impossible."""
+    origin = typing.get_origin(t)
+    try:
+        if value is None:
+            return None
+        if t is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if t is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if t is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if t is str:
+            return str(value)
+        if origin in (tuple, list):
+            args = [a for a in typing.get_args(t) if a is not Ellipsis]
+            item = args[0] if args else None
+            seq = list(value)
+            if item is float:
+                seq = [float(v) for v in seq]
+            elif item is str:
+                seq = [str(v) for v in seq]
+            return tuple(seq) if origin is tuple else seq
+    except (TypeError, ValueError):
+        raise ConfigError(f"parameter '{name}' = {value!r} is not a valid {getattr(t, '__name__', t)}") from None
+    return value
 
 
 def run_node(make_node: Callable[[], object], args=None, threads: int = 2) -> int:

@@ -87,7 +87,10 @@ class SafetyNode(Node):
                                  lambda m: self._on_command("teleop", m), COMMANDS, callback_group=group)
         self.create_subscription(JointState, r.joint_states_topic, self._on_joint_state,
                                  qos_profile_sensor_data, callback_group=group)
-        self.create_subscription(Empty, "safety/estop", self._on_estop, LATCHED, callback_group=group)
+        # e-stop: latched (reliable + transient local, as specified) and, so that no publisher's QoS can
+        # silently miss it (`ros2 topic pub` is volatile), also reliable-volatile and best-effort.
+        for qos in (LATCHED, COMMANDS, qos_profile_sensor_data):
+            self.create_subscription(Empty, "safety/estop", self._on_estop, qos, callback_group=group)
         self.create_service(Trigger, "safety/reset", self._on_reset, callback_group=group)
         self.create_service(Trigger, "safety/resume_policy", self._on_resume, callback_group=group)
         self.create_timer(dt, self._tick, callback_group=group)  # node clock: honours use_sim_time
@@ -137,9 +140,11 @@ class SafetyNode(Node):
             self._publish_status(rejection=text)
 
     def _on_estop(self, _msg: Empty) -> None:
+        was = self.filter.estopped
         self.filter.estop(self._now())
-        self.get_logger().error("E-STOP latched: controlled stop, then hold (safety/reset releases)")
-        self._publish_status(force=True)
+        if not was:
+            self.get_logger().error("E-STOP latched: controlled stop, then hold (safety/reset releases)")
+            self._publish_status(force=True)
 
     def _on_reset(self, _req, resp):
         resp.success, resp.message = self.filter.reset(self._now())

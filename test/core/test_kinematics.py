@@ -350,6 +350,23 @@ def test_missing_urdf_is_a_config_error(tmp_path):
         Kinematics(str(p))
 
 
+@pytest.mark.parametrize("old,new,needle", [
+    ("tcp_link: fr3_hand_tcp", "tcp_link: fr3_hand_tip", "frame 'fr3_hand_tip'"),
+    ("base_link: fr3_link0", "base_link: fr3_link3", "must not move"),
+    ("fr3_joint7]", "fr3_joint77]", "fr3_joint77"),
+])
+def test_config_urdf_mismatch_is_a_config_error(tmp_path, old, new, needle):
+    from magma_ros.core.paths import data_path
+
+    text = data_path("config", "robots", "fr3.yaml").read_text()
+    assert old in text
+    p = tmp_path / "fr3_bad.yaml"
+    p.write_text(text.replace(old, new))
+    with pytest.raises(ConfigError, match=needle) as e:
+        Kinematics(str(p))
+    assert "\n" not in str(e.value)
+
+
 # ------------------------------------------------------------------------------------ rotations
 def test_rotation_helpers_round_trip():
     rng = np.random.default_rng(1)

@@ -302,11 +302,11 @@ def test_teleop_priority_estop_reset_and_watchdogs(nodes, rclpy_node):
     assert probe.wait(lambda: probe.source() == "teleop", 5.0)
     for _ in range(5):
         probe.command([probe.last()], [0.2], source="teleop")
+        t_quiet = time.monotonic()  # the last teleop command leaves now
         probe.command([probe.last() + 0.1], [0.2], source="policy")
         probe.sleep(0.1)
     assert probe.source() == "teleop"
     # teleop goes silent -> hold; the policy does not regain control by timeout
-    t_quiet = time.monotonic()
     assert policy_stream(6.0, until=lambda: probe.state() == "holding:teleop timeout")
     assert time.monotonic() - t_quiet > 0.9
     policy_stream(1.5)
@@ -328,7 +328,9 @@ def test_teleop_priority_estop_reset_and_watchdogs(nodes, rclpy_node):
     n_before = len(probe.outs)
     speed_before = np.linalg.norm(probe.outs[-1][1] - probe.outs[-2][1])
     assert speed_before > 0.002
-    probe.estop_pub.publish(Empty())
+    plain = probe.node.create_publisher(Empty, "safety/estop", 10)  # default QoS, like `ros2 topic pub`
+    assert probe.wait(lambda: plain.get_subscription_count() > 0, 5.0)
+    plain.publish(Empty())
     t_estop = time.monotonic()
     for _ in range(15):
         probe.command([probe.last() + 0.2], [0.1], source="policy")
@@ -413,15 +415,25 @@ def test_use_sim_time_slow_clock_isaac_namespace_remap(nodes, rclpy_node):
     assert probe.state() == "ok"
 
 
-def test_forward_output_and_startup_errors(nodes, rclpy_node):
+def test_latched_estop_forward_output_and_startup_errors(nodes, rclpy_node):
+    """An e-stop latched before the node starts reaches it; forward output; one-line start-up errors."""
+    from std_msgs.msg import Empty
+
     r = load_robot("panda")
-    proc, params = start(nodes, robot="panda", controller="forward", output_rate=50.0)
+    params = {"robot": "panda", "controller": "forward", "output_rate": 50.0}
+    probe = Probe(rclpy_node, r, params, controller="forward")
+    probe.estop_pub.publish(Empty())  # latched: published before the safety node exists
+    proc, params = start(nodes, **params)
     bad = nodes.start("safety", params={"robot": "pandaa"})
     bad2 = nodes.start("safety", params={"robot": "fr3", "gripper_output": "franka"})
-    probe = Probe(rclpy_node, r, params, controller="forward")
     alive(nodes, probe=probe, proc=proc)
     assert probe.wait(lambda: len(probe.outs) > 3, 15.0), nodes.log(proc)
     np.testing.assert_array_equal(probe.last(), r.home)  # URDF (arm_joints) order
+    assert probe.wait_state(lambda s: s == "estopped", 5.0), probe.states
+    probe.command([r.home + 0.05], [0.3])
+    probe.sleep(0.5)
+    np.testing.assert_array_equal(probe.last(), r.home)
+    assert probe.call("reset").success
     tgt = r.home + 0.05
     probe.command([tgt], [0.3])
     assert probe.wait(lambda: np.allclose(probe.last(), tgt, atol=1e-9, rtol=0), 10.0)

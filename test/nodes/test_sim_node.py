@@ -77,7 +77,8 @@ def test_fr3_jtc_images_gripper_reset(nodes, rclpy_node):
     arm_pub = rclpy_node.create_publisher(JointTrajectory, f"{robot.arm_controller}/joint_trajectory", 10)
     grip_pub = rclpy_node.create_publisher(JointTrajectory,
                                            f"{robot.gripper_controller}/joint_trajectory", 10)
-    assert rclpy_node.spin_until(lambda: pr.clock and pr.js and pr.color and pr.depth and pr.info and pr.diag,
+    assert rclpy_node.spin_until(lambda: pr.clock and pr.js and pr.color and pr.depth and pr.info and pr.diag
+                                 and arm_pub.get_subscription_count() and grip_pub.get_subscription_count(),
                                  WAIT), nodes.log(proc)
 
     # joint states: arm joints + finger (+ mimic), at home, >= 100 Hz of sim time
@@ -144,7 +145,7 @@ def test_wx250s_forward_controller(nodes, rclpy_node):
     pr = Probe(rclpy_node, robot.joint_states_topic)
     pub = rclpy_node.create_publisher(Float64MultiArray, f"{robot.forward_controller}/commands", 10)
     assert robot.joint_states_topic == "wx250s/joint_states"
-    assert rclpy_node.spin_until(lambda: pr.clock and pr.js, WAIT), nodes.log(proc)
+    assert rclpy_node.spin_until(lambda: pr.clock and pr.js and pub.get_subscription_count(), WAIT), nodes.log(proc)
     pub.publish(Float64MultiArray(data=[0.5] * 3))  # wrong length: ignored
     pub.publish(Float64MultiArray(data=[0.5, math.inf, 0, 0, 0, 0]))  # inf: ignored
     pr.settle(0.5)
@@ -160,7 +161,7 @@ def test_panda_isaac_joint_command_in_a_namespace(nodes, rclpy_node):
     proc = nodes.start("sim", {"robot": "panda", "controller": "isaac", "camera_fps": 0.0}, namespace="/left")
     pr = Probe(rclpy_node, robot.joint_states_topic, ns="/left")
     pub = rclpy_node.create_publisher(JointState, "/left/joint_command", 10)
-    assert rclpy_node.spin_until(lambda: pr.clock and pr.js, WAIT), nodes.log(proc)
+    assert rclpy_node.spin_until(lambda: pr.clock and pr.js and pub.get_subscription_count(), WAIT), nodes.log(proc)
     pub.publish(JointState(name=["bogus"], position=[1.0]))  # unknown joint: ignored
     target = robot.home.copy()
     target[1] += 0.25
