@@ -136,6 +136,7 @@ class GraphProbe:
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
         best = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
         self.q: np.ndarray | None = None  # latest measured arm position
+        self.js_stamp = None  # header stamp of the latest joint state (the sim/driver clock)
         self.q_log: list[tuple[float, np.ndarray]] = []  # (wall time, q)
         self.commands: list[tuple[float, np.ndarray]] = []  # (wall time, q) at the controller topic
         self.twists: list[float] = []  # wall times of policy actions (magma/ee_twist)
@@ -162,6 +163,7 @@ class GraphProbe:
 
         def on_js(m):
             q = to_q(m.name, m.position)
+            self.js_stamp = m.header.stamp
             if q is not None:
                 with self.lock:
                     self.q = q

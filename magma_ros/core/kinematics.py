@@ -274,7 +274,8 @@ class Kinematics:
 
     # ------------------------------------------------------------------------------------------ IK
     def solve(self, target: np.ndarray, q_seed, *, max_iters: int = 100, pos_tol: float = 1e-4,
-              rot_tol: float = 1e-3, restarts: int = 16, rng_seed: int = 0, wrap: bool = True) -> IKResult:
+              rot_tol: float = 1e-3, restarts: int = 16, rng_seed: int = 0,
+              wrap: bool | None = None) -> IKResult:
         """Joint positions that put the TCP at ``target`` (4, 4, base frame), starting from ``q_seed`` (n,).
 
         Damped least squares with Levenberg-Marquardt damping, joint limits enforced at every step
@@ -282,10 +283,11 @@ class Kinematics:
         bounded null-space pull toward ``home``. If the first attempt fails, up to ``restarts`` more
         start from ``home`` and then from the configurations of a table of random in-limit samples
         (built once per instance, deterministic: ``rng_seed``) whose TCP poses are nearest the target.
-        With ``wrap``, joints whose range spans a full turn may move by 2 pi (same pose). Restarts and
-        wrapping may land on another IK branch far from ``q_seed``: servo loops should use
-        :meth:`solve_delta`, which does neither. ``max_iters`` is per attempt. Check ``ok`` before using
-        ``q`` (see :class:`IKResult`). Raises ValueError on a malformed target or seed.
+        With ``wrap`` (default: only when ``restarts > 0``), joints whose range spans a full turn may
+        move by 2 pi (same pose). Restarts and wrapping may land on another IK branch far from
+        ``q_seed``: servo loops should use :meth:`solve_delta` or ``restarts=0``, which do neither.
+        ``max_iters`` is per attempt. Check ``ok`` before using ``q`` (see :class:`IKResult`).
+        Raises ValueError on a malformed target or seed.
         """
         T = np.asarray(target, dtype=float)
         if T.shape != (4, 4) or not np.isfinite(T).all():
@@ -294,6 +296,7 @@ class Kinematics:
         if np.abs(R_t @ R_t.T - self._eye3).max() > 1e-6 or np.linalg.det(R_t) < 0:
             raise ValueError("target rotation is not a rotation matrix")
         q0 = np.clip(self._check_q(q_seed, "q_seed"), self.lower, self.upper)
+        wrap = restarts > 0 if wrap is None else bool(wrap)
         return self._solve(T[:3, 3].copy(), R_t.copy(), q0, max_iters, pos_tol, rot_tol, restarts, rng_seed, wrap)
 
     def solve_delta(self, q_from, dpos, drotvec, q_seed=None, *, max_iters: int = 50, pos_tol: float = 1e-4,

@@ -311,9 +311,11 @@ def make_node():
             arr.header.stamp = self.get_clock().now().to_msg()
             arr.status = [st]
             self.diag_pub.publish(arr)
-            if stale != self._stale:
+            if bool(stale) != bool(self._stale):  # log transitions, not every period
                 if stale and self.loop.stats.inferences:
                     self.get_logger().warning(f"{stale}: publishing nothing")
+                elif not stale and self._stale:
+                    self.get_logger().info("camera images arriving again")
                 self._stale = stale
 
         def close(self) -> None:

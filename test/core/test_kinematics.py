@@ -291,6 +291,20 @@ def test_any_target_gives_in_limit_answer_and_honest_errors(robot, seed, xyz, ro
         assert res.pos_err <= 1e-4 and res.rot_err <= 1e-3
 
 
+def test_no_restarts_means_no_branch_jump_across_the_full_turn_limit():
+    """WidowX waist near +pi asked to turn further: a servo-style solve must not wrap to -pi."""
+    k = get_kin("wx250s")
+    q0 = np.array([3.10, 0.3, -0.5, 0.2, 0.4, 0.1])
+    target = k.fk(q0)
+    target[:3, :3] = rotvec_to_matrix([0.0, 0.0, 0.2]) @ target[:3, :3]
+    target[:3, 3] = rotvec_to_matrix([0.0, 0.0, 0.2]) @ target[:3, 3]  # = waist + 0.2 rad, past +pi
+    for res in (k.solve(target, q0, restarts=0), k.solve_delta(q0, target[:3, 3] - k.fk(q0)[:3, 3],
+                                                               [0.0, 0.0, 0.2])):
+        assert not res.ok and res.q[0] > 3.0  # stops at the limit instead of jumping a full turn
+    wrapped = k.solve(target, q0)  # a global solve may use the equivalent waist angle near -pi
+    assert wrapped.ok and wrapped.q[0] < -2.9
+
+
 def test_seed_outside_limits_is_clipped(kin):
     seed = kin.upper + 1.0
     res = kin.solve(kin.fk(kin.home), seed)

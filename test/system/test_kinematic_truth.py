@@ -138,9 +138,13 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
     script = "; ".join(",".join(str(v) for v in r) for r in NODE_SCRIPT)
     nodes.start("sim", {"robot": name, "controller": "jtc", "camera_fps": 1.0 / PACE, "width": 64,
                         "height": 48})
-    nodes.start("safety", {"robot": name, "controller": "jtc", **sim_time})
-    nodes.start("servo", {"robot": name, "step_period": T, **sim_time})
-    nodes.start("policy", {"policy": "scripted", "robot": name, "step_period": T, "image_timeout": 0.5,
+    # Watchdog timeouts are widened: this test is about where the arm goes, and on a loaded CI machine
+    # each process's /clock can lag the others' by more than the default 0.5 s (then the safety node
+    # would rightly reject a command as stale and the step would be lost). Watchdogs have own tests.
+    nodes.start("safety", {"robot": name, "controller": "jtc", "command_timeout": 2.0, "state_timeout": 1.0,
+                           "future_tolerance": 1.0, **sim_time})
+    nodes.start("servo", {"robot": name, "step_period": T, "state_timeout": 2.0, **sim_time})
+    nodes.start("policy", {"policy": "scripted", "robot": name, "step_period": T, "image_timeout": 2.0,
                            "scripted_actions": script, **sim_time})
 
     states: list[tuple[float, np.ndarray]] = []
@@ -171,7 +175,7 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
             m = JointTrajectory(joint_names=list(rb.arm_joints))
             m.points = [JointTrajectoryPoint(positions=[float(x) for x in q_k],
                                              time_from_start=Duration(nanosec=400_000_000))]
-            for _ in range(60):  # re-sent every 0.3 s (the safety node holds after 0.5 s of silence)
+            for _ in range(60):  # re-sent every 0.3 s (the safety node holds after command_timeout)
                 cmd_pub.publish(m)
                 node.spin_until(lambda: False, 0.3)
                 if np.abs(states[-1][1] - q_k).max() < 0.01:
