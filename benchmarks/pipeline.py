@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     runner.start()
     total, policy_s, servo_s, safety_s = [], [], [], []
     misses = 0
+    reasons: dict[str, int] = {}
     try:
         def up():
             return probe.js_stamp is not None and probe.limits.count > 0
@@ -102,6 +103,10 @@ def main(argv=None) -> int:
 
             if not probe.wait_for(lambda: changed() is not None, 5.0, alive=runner.running, step=0.001):
                 misses += 1
+                why = ("no policy action (image lost or judged stale)" if len(probe.twists) == k_tw else
+                       "servo produced no joint command" if len(joint_cmds) == k_jc else
+                       "safety did not follow (holding, e.g. stale joint states)")
+                reasons[why] = reasons.get(why, 0) + 1
                 continue
             if i < 3:
                 continue
@@ -124,7 +129,8 @@ def main(argv=None) -> int:
             ("joint_command -> controller topic (safety, 100 Hz output)", safety_s)]
     md = [f"Pipeline latency, {a.robot}, scripted policy (no model time), jtc controller, MuJoCo sim with "
           f"rendering off, all nodes in separate processes over Fast DDS (LARGE_DATA, localhost); "
-          f"{len(total)} images of 640x480 rgb8, {misses} without a command within 5 s.",
+          f"{len(total)} images of 640x480 rgb8 timed; {misses} gave no new command within 5 s"
+          + (" (" + "; ".join(f"{k}: {v}" for k, v in reasons.items()) + ")" if reasons else "") + ".",
           f"Machine: {machine()}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
           f"(1/5/15 min) before the run — other jobs on this host inflate every figure.", "",
           "| stage | p50 [ms] | p99 [ms] | max [ms] |", "|---|---|---|---|"]

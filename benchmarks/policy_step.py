@@ -82,7 +82,7 @@ def build_full_random(device: torch.device, dtype: torch.dtype, quant: str | Non
     """
     from magma_ros.model.checkpoint import TinySizes, magma_config_dict
     from magma_ros.model.magma import MagmaConfig, MagmaModel
-    from magma_ros.model.quant import language_model_linears, pick_backend, quantize_linear
+    from magma_ros.model.quant import language_model_linears, quantize_linear_auto
     from magma_ros.model.vision import VisionTowerConfig
 
     s = TinySizes(**FULL)
@@ -91,13 +91,14 @@ def build_full_random(device: torch.device, dtype: torch.dtype, quant: str | Non
     model = MagmaModel(cfg, device="meta", dtype=dtype)
     backend = None
     if quant:
-        backend = pick_backend(quant, device)
+        backend = "auto"
         g = torch.Generator(device=device).manual_seed(seed + 1)
         for parent, name, lin in language_model_linears(model.language_model):
             new = torch.nn.Linear(lin.in_features, lin.out_features, bias=False, device=device, dtype=dtype)
             with torch.no_grad():
                 new.weight.normal_(0.0, 0.02, generator=g)
-            setattr(parent, name, quantize_linear(new, quant, backend))
+            q, backend = quantize_linear_auto(new, quant, backend)  # "auto" settles on the first layer
+            setattr(parent, name, q)
             del new
     _materialize(model, device, dtype, seed)
     model.reset_rotary(device)
@@ -240,7 +241,12 @@ still to be produced, with:
 
     {GPU_COMMAND}
 
-(each configuration appends/replaces its own row below and names the card in the machine column).
+(each configuration appends/replaces its own row below and names the card in the machine column;
+with a short per-command time limit run `--quant none`, `int8`, `int4` as separate commands).
+
+CPU tiny target (fast ≥ 3× plain) **not reached**: about half of a tiny step is preprocessing and the
+512×512 vision tower, which both paths share (details in docs/performance.md). The generation call
+alone ("generate call" column) and the decode steps are where the fast path wins.
 """
 
 

@@ -266,6 +266,11 @@ class GraphProbe:
             return None
 
     @property
+    def has_tom(self) -> bool:
+        """True once a ToM overlay image arrived."""
+        return self._tom_msg is not None
+
+    @property
     def last_image(self) -> np.ndarray | None:
         """The latest camera image as RGB, or None."""
         from magma_ros.nodes.policy import image_to_rgb
@@ -471,6 +476,9 @@ def _run(a) -> int:
                 last_report = time.monotonic()
             time.sleep(0.05)
         t_end = probe.twists[a.steps - 1]
+        if a.tom_rate > 0 and not probe.has_tom:  # ToM runs only in the actions' slack: give it time
+            _say("waiting up to 60 s for a ToM plan (it runs at low priority, between actions)")
+            probe.wait_for(lambda: probe.has_tom, 60, alive=alive)
         ok = True
     finally:
         runner.stop()
@@ -481,6 +489,7 @@ def _run(a) -> int:
         import imageio.v2 as imageio
 
         imageio.imwrite(tom_png, probe.tom_image)
+    tom_missing = "none received" + (" (--tom-rate 0)" if not a.tom_rate else "")
     moved = probe.motion(t_first)
     iv = probe.interventions()
     lines = [
@@ -497,7 +506,7 @@ def _run(a) -> int:
         "safety           " + (", ".join(f"{k} x{v}" for k, v in iv.items()) or "no interventions")
         + f"; final state '{probe.state or '?'}'",
         f"video            {video} ({probe.video_frames} of {probe.frames} camera frames)",
-        f"ToM overlay      {tom_png if probe.tom_image is not None else 'none received (tom_rate 0?)'}",
+        f"ToM overlay      {tom_png if probe.tom_image is not None else tom_missing}",
         f"logs             {log_dir}",
         "================================================================",
     ]

@@ -334,6 +334,8 @@ class Servo:
             times = tuple(seg.times[i] - el for i in keep)
             return ServoResult(self._command(times, seg.positions[keep], now), "gripper")
         q = self._target_q if self._target_q is not None else self._q
+        # a segment of its own, so the keep-alive also covers the fingers' travel time
+        self._segment = _Segment(now, (self.cfg.step_period,), q[None, :].copy())
         return ServoResult(self._command((self.cfg.step_period,), q[None, :], now), "gripper")
 
     def keepalive(self, now: float) -> ServoResult:

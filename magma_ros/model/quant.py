@@ -9,9 +9,10 @@ Backends and why each is the default where it is (docs/performance.md has the me
 
 * ``native`` int8 — :class:`Int8Linear`, symmetric per-output-channel scales (gpt-fast's
   ``WeightOnlyInt8Linear``): ``F.linear(x, W_int8.to(x.dtype)) * scale``. Under ``torch.compile``
-  the dequantization fuses into the matmul (GPU); in eager mode on CPU it costs about what the
-  fp32 matmul costs (measured: 2048×1024 layer, 1 row: fp32 1.4 ms, native 1.5 ms, torchao 0.18
-  ``Int8WeightOnlyConfig`` 7.8 ms, ``torch._weight_int8pack_mm`` 5.1 ms) — so it is the CPU default.
+  the dequantization fuses into the matmul (GPU). It is the CPU default, being the fastest int8
+  option there (2048×1024 layer, 1 row: fp32 1.4 ms, native 1.5 ms, torchao 0.18
+  ``Int8WeightOnlyConfig`` 7.8 ms, ``torch._weight_int8pack_mm`` 5.1 ms), but a whole CPU step in
+  int8 is slower than fp32 (every call dequantizes): on CPU quantize to save memory only.
 * ``torchao`` int8 / int4 — ``Int8WeightOnlyConfig`` and ``Int4WeightOnlyConfig`` with the tinygemm
   ``tile_packed_to_4d`` layout (bf16, CUDA only): the CUDA default when torchao imports.
 * ``bnb`` int4 — bitsandbytes NF4 ``Linear4bit`` (CUDA fallback when torchao is missing; on CPU
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Int4Linear", "Int8Linear", "available_backends", "pick_backend", "quantize_language_model",
-           "quantize_linear", "language_model_linears"]
+__all__ = ["Int4Linear", "Int8Linear", "available_backends", "backend_candidates", "language_model_linears",
+           "pick_backend", "quantize_language_model", "quantize_linear", "quantize_linear_auto"]
 
 MODES = ("int8", "int4")
 
@@ -134,16 +135,32 @@ def available_backends() -> list[str]:
     return out
 
 
-def pick_backend(mode: str, device: torch.device | str) -> str:
-    """The backend ``backend='auto'`` uses for ``mode`` on ``device``."""
+def backend_candidates(mode: str, device: torch.device | str) -> list[str]:
+    """Backends ``backend='auto'`` tries for ``mode`` on ``device``, best first."""
     device = torch.device(device)
     have = available_backends()
-    if device.type == "cuda":
-        if "torchao" in have:
-            return "torchao"
-        if mode == "int4" and "bnb" in have:
-            return "bnb"
-    return "native"
+    order = ["torchao", "bnb", "native"] if mode == "int4" else ["torchao", "native"]
+    if device.type != "cuda":
+        order = ["native"]
+    return [b for b in order if b in have]
+
+
+def pick_backend(mode: str, device: torch.device | str) -> str:
+    """The backend ``backend='auto'`` prefers for ``mode`` on ``device``."""
+    return backend_candidates(mode, device)[0]
+
+
+def quantize_linear_auto(lin: nn.Linear, mode: str, backend: str = "auto") -> tuple[nn.Module, str]:
+    """Quantize one layer with ``backend``, or with the first ``auto`` candidate that works here."""
+    if backend != "auto":
+        return quantize_linear(lin, mode, backend), backend
+    errors = []
+    for b in backend_candidates(mode, lin.weight.device):
+        try:
+            return quantize_linear(lin, mode, b), b
+        except Exception as e:  # noqa: BLE001 - a backend that fails here is skipped, and said so
+            errors.append(f"{b}: {type(e).__name__}: {e}")
+    raise RuntimeError(f"no quantization backend worked for {mode}: " + "; ".join(errors))
 
 
 def language_model_linears(lm: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -208,11 +225,12 @@ def quantize_language_model(lm: nn.Module, mode: str, backend: str = "auto",
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose from {', '.join(MODES)}")
     dev = torch.device(device) if device is not None else lm.lm_head.weight.device
-    chosen = pick_backend(mode, dev) if backend == "auto" else backend
+    chosen = backend
     for parent, name, lin in language_model_linears(lm):
         if device is not None:
             lin = lin.to(dev)
-        setattr(parent, name, quantize_linear(lin, mode, chosen))
+        q, chosen = quantize_linear_auto(lin, mode, chosen)  # "auto" settles on the first layer
+        setattr(parent, name, q)
         del lin
     if device is not None:
         lm.to(dev)

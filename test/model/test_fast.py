@@ -26,12 +26,17 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def ckpt(tmp_path_factory):
     from magma_ros.model.checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("fast") / "tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
     from magma_ros.model.magma import MagmaModel
 
-    d = write_tiny_checkpoint(tmp_path_factory.mktemp("fast") / "tiny", seed=3, tokenizer=False)
-    return MagmaModel.from_pretrained(d)
+    return MagmaModel.from_pretrained(ckpt)
 
 
 def prompt(words, image=True):
@@ -318,13 +323,11 @@ def test_int8_and_int4_linear_error_bounds():
     assert float(torch.nn.functional.cosine_similarity(y4.flatten(), y.flatten(), dim=0)) > 0.99
 
 
-def test_int4_native_runs_end_to_end(model, tmp_path):
-    from magma_ros.model.checkpoint import write_tiny_checkpoint
+def test_int4_native_runs_end_to_end(ckpt):
     from magma_ros.model.fast import FastGenerator
     from magma_ros.model.magma import MagmaModel
 
-    d = write_tiny_checkpoint(tmp_path / "ckpt", seed=3, tokenizer=False)
-    m = MagmaModel.from_pretrained(d)
+    m = MagmaModel.from_pretrained(ckpt)
     g = FastGenerator(m, quant="int4")
     assert g.quant_backend == "native"
     ids, mask = batch([prompt(WORDS_A)])
@@ -336,7 +339,7 @@ def test_int4_native_runs_end_to_end(model, tmp_path):
         FastGenerator(m, quant="int3")
 
 
-def test_benchmark_cli_ends_with_a_json_line(tmp_path):
+def test_benchmark_cli_ends_with_a_json_line(ckpt):
     """The benchmark's smoke mode: both paths, same weights, one JSON summary line."""
     import json
     import subprocess
@@ -345,8 +348,8 @@ def test_benchmark_cli_ends_with_a_json_line(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "policy_step.py"), "--device", "cpu",
-                        "--checkpoint", "tiny", "--iters", "1", "--warmup", "0", "--no-write",
-                        "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root)
+                        "--checkpoint", str(ckpt), "--iters", "1", "--warmup", "0", "--no-write"],
+                       capture_output=True, text=True, timeout=300, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     last = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"device", "fast_hz", "plain_hz", "speedup", "tokens_equal"} <= set(last)

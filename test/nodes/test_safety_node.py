@@ -318,21 +318,27 @@ def test_teleop_priority_estop_reset_and_watchdogs(nodes, rclpy_node):
     assert resp.success, resp.message
     assert policy_stream(5.0, until=lambda: probe.source() == "policy")
     policy_stream(0.6)
-    assert np.max(np.abs(probe.last() - held)) > 0.01
+    assert np.max(np.abs(probe.last() - held)) > 1e-3
 
     # e-stop: latches at once, decelerates within the limits (checker), survives any stream
     from std_msgs.msg import Empty
 
-    for _ in range(6):  # a steady motion, 0.3 rad/s along `direction` (0.5 s horizon)
-        probe.command([probe.last() + direction * 0.15], [0.5])
+    def in_motion():
+        return np.linalg.norm(probe.outs[-1][1] - probe.outs[-2][1]) > 0.002
+
+    for _ in range(50):  # a steady motion, 0.3 rad/s along `direction` (1 s horizon), until it moves
+        probe.command([probe.last() + direction * 0.3], [1.0])
         probe.sleep(0.1)
+        if in_motion():
+            break
+    assert in_motion()
     n_before = len(probe.outs)
-    speed_before = np.linalg.norm(probe.outs[-1][1] - probe.outs[-2][1])
-    assert speed_before > 0.002
     plain = probe.node.create_publisher(Empty, "safety/estop", 10)  # default QoS, like `ros2 topic pub`
     assert probe.wait(lambda: plain.get_subscription_count() > 0, 5.0)
     plain.publish(Empty())
     t_estop = time.monotonic()
+    # (a teleop command racing the e-stop message could legitimately take over first: wait for the latch)
+    assert probe.wait_state(lambda s: s in ("stopping", "estopped"), 5.0)
     for _ in range(15):
         probe.command([probe.last() + 0.2], [0.1], source="policy")
         probe.command([probe.last() - 0.2], [0.1], source="teleop")
@@ -340,14 +346,16 @@ def test_teleop_priority_estop_reset_and_watchdogs(nodes, rclpy_node):
     assert probe.wait_state(lambda s: s == "estopped", 5.0)
     after = [q for w, q in probe.outs[n_before:]]
     speeds = [np.linalg.norm(b - a) for a, b in zip([probe.outs[n_before - 1][1]] + after[:-1], after)]
-    # a controlled stop (the checker has verified every step's acceleration): from its last peak the
-    # speed only decreases, to a standstill that then lasts. (That the latch takes effect within one
-    # output period is a property of the core, tested there; the node serializes e-stop and output.)
-    peak = int(np.argmax(speeds))
-    stop = next(i for i in range(peak, len(speeds)) if speeds[i] == 0.0)
-    assert all(b <= a + 1e-12 for a, b in zip(speeds[peak:stop], speeds[peak + 1:stop + 1]))
+    # a controlled stop (the checker has verified every step's acceleration): the speed falls to a
+    # standstill that then lasts, as fast as the acceleration limit allows (category 2). That the
+    # latch takes effect within one output period is a property of the core, tested there; the node
+    # runs e-stop and output callbacks strictly one after the other.
+    stop = next(i for i, sp in enumerate(speeds) if sp == 0.0)
     assert all(sp == 0.0 for sp in speeds[stop:])
-    assert stop - peak <= math.ceil(max(speed_before, speeds[peak]) / (10.0 * probe.dt**2)) + 2
+    b = stop
+    while b > 0 and speeds[b - 1] >= speeds[b] - 1e-12:
+        b -= 1
+    assert stop - b <= math.ceil(speeds[b] / (10.0 * probe.dt**2)) + 2, speeds[b:stop + 1]
     latched = probe.last().copy()
     stop_time = probe.outs[n_before + stop][0] - t_estop
     assert stop_time < 3.0
