@@ -136,3 +136,14 @@ def rclpy_node(ros_env):
     ex.shutdown()
     node.destroy_node()
     rclpy.shutdown(context=ctx)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """One small random-weight Magma checkpoint (real format, real Llama-3 tokenizer) shared by the session.
+
+    Seed 0: with these random weights unconstrained greedy decoding emits non-action tokens.
+    """
+    from magma_ros.model.checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_magma") / "ckpt", seed=0)

@@ -27,10 +27,8 @@ def expected_bridge_action(tokens):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from magma_ros.model.checkpoint import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

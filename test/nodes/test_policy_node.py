@@ -221,11 +221,7 @@ def test_remote_policy_takes_the_step_period_from_the_server(nodes, rclpy_node):
 
 
 # ----------------------------------------------------------------------------- tiny real checkpoint
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from magma_ros.model.checkpoint import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_magma"), seed=0)
+# (the session-wide `tiny_checkpoint` fixture from conftest.py)
 
 
 @pytest.mark.slow

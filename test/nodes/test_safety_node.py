@@ -351,7 +351,7 @@ def test_teleop_priority_estop_reset_and_watchdogs(nodes, rclpy_node):
     # latch takes effect within one output period is a property of the core, tested there; the node
     # runs e-stop and output callbacks strictly one after the other.
     stop = next(i for i, sp in enumerate(speeds) if sp == 0.0)
-    assert all(sp == 0.0 for sp in speeds[stop:])
+    assert all(sp == 0.0 for sp in speeds[stop:]), np.round(speeds, 5)
     b = stop
     while b > 0 and speeds[b - 1] >= speeds[b] - 1e-12:
         b -= 1

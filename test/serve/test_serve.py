@@ -93,12 +93,10 @@ def test_random_bytes_only_ever_raise_wire_error(data):
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    from magma_ros.model.checkpoint import write_tiny_checkpoint
+def policy(tiny_checkpoint):
     from magma_ros.model.policy import MagmaPolicy
 
-    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=1)
-    return MagmaPolicy(str(ckpt), device="cpu", constrained=True)
+    return MagmaPolicy(str(tiny_checkpoint), device="cpu", constrained=True)
 
 
 @pytest.fixture(scope="module")
