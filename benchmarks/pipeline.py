@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--robot", default="fr3")
     ap.add_argument("--samples", type=int, default=60)
     ap.add_argument("--period", type=float, default=1.0, help="[s] between images (the arm settles)")
+    ap.add_argument("--sizes", default="640x480,320x240", help="image sizes (rgb8) to measure, WxH,...")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     a = ap.parse_args(argv)
 
@@ -63,9 +64,11 @@ def main(argv=None) -> int:
     n.create_subscription(JointTrajectory, "magma/joint_command",
                           lambda m: joint_cmds.append(time.monotonic()), 10)
     pub = n.create_publisher(Image, IMAGE_TOPIC, 2)
-    img = Image(height=480, width=640, encoding="rgb8", step=640 * 3)
-    img.header.frame_id = "camera_color_optical_frame"
-    img.data = np.random.default_rng(0).integers(0, 255, 480 * 640 * 3, dtype=np.uint8).tobytes()
+    try:
+        sizes = [tuple(int(v) for v in wh.lower().split("x")) for wh in a.sizes.split(",")]
+    except ValueError:
+        print(f"error: --sizes must look like 640x480,320x240, got '{a.sizes}'", file=sys.stderr)
+        return 2
 
     args = {"robot": a.robot, "policy": "scripted", "scripted_actions": SCRIPT, "scripted_loop": "true",
             "step_period": "0.2", "image_topic": IMAGE_TOPIC, "camera_fps": "0.0", "tom_rate": "0.0",
@@ -74,9 +77,7 @@ def main(argv=None) -> int:
     runner = LaunchRunner("sim.launch.yaml", args, log_dir=logs, echo=False,
                           required=("sim", "safety", "servo", "policy"))
     runner.start()
-    total, policy_s, servo_s, safety_s = [], [], [], []
-    misses = 0
-    reasons: dict[str, int] = {}
+    results = {}
     try:
         def up():
             return probe.js_stamp is not None and probe.limits.count > 0
@@ -84,65 +85,86 @@ def main(argv=None) -> int:
         if not probe.wait_for(up, 120, alive=runner.running):
             print(f"graph did not come up (logs: {logs})", file=sys.stderr)
             return 1
-        for i in range(a.samples + 3):  # the first 3 warm up
-            time.sleep(a.period)
+        for w, h in sizes:
+            results[(w, h)] = measure(probe, pub, joint_cmds, runner, w, h, a.samples, a.period)
+    finally:
+        runner.stop()
+        probe.close()
+    md = [f"Pipeline latency, {a.robot}, scripted policy (no model time), jtc controller, MuJoCo sim with "
+          f"rendering off, all nodes in separate processes over Fast DDS (LARGE_DATA, localhost), one "
+          f"rgb8 image every {a.period:g} s on the policy's image topic.",
+          f"Machine: {machine()}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+          f"(1/5/15 min) before the run — other jobs on this host inflate every figure.", ""]
+    for (w, h), (stages, misses, reasons) in results.items():
+        md.append(f"{w}x{h}: {len(stages['total'])} images timed, {misses} gave no new command within 5 s"
+                  + (" (" + "; ".join(f"{k}: {v}" for k, v in reasons.items()) + ")" if reasons else "") + ".")
+        md += ["", "| stage | p50 [ms] | p99 [ms] | max [ms] |", "|---|---|---|---|"]
+        for key, name in STAGES:
+            v = stages[key]
+            md.append(f"| {name} | {pct(v, 50):.1f} | {pct(v, 99):.1f} | {pct(v, 100):.1f} |")
+        md.append("")
+    md.append("Run: `.venv/bin/python benchmarks/pipeline.py`.")
+    text = "\n".join(md)
+    print(text)
+    if not any(r[0]["total"] for r in results.values()):
+        print(f"no samples (logs: {logs})", file=sys.stderr)
+        return 1
+    if not a.no_write:
+        write_section("pipeline", "## Pipeline latency (image -> controller command)\n\n" + text)
+    return 0
+
+
+STAGES = [("total", "image -> controller command (total)"),
+          ("policy", "image -> magma/ee_twist (policy node)"),
+          ("servo", "ee_twist -> magma/joint_command (servo)"),
+          ("safety", "joint_command -> controller topic (safety, 100 Hz output)")]
+
+
+def measure(probe, pub, joint_cmds, runner, w, h, samples, period):
+    """Publish ``samples`` images of w x h (after 3 warm-ups); returns (stage lists, misses, reasons)."""
+    from sensor_msgs.msg import Image
+
+    img = Image(height=h, width=w, encoding="rgb8", step=w * 3)
+    img.header.frame_id = "camera_color_optical_frame"
+    img.data = np.random.default_rng(0).integers(0, 255, h * w * 3, dtype=np.uint8).tobytes()
+    stages = {k: [] for k, _ in STAGES}
+    misses = 0
+    reasons: dict[str, int] = {}
+    for i in range(samples + 3):  # the first 3 warm up
+        time.sleep(period)
+        with probe.lock:
+            before = probe.commands[-1][1] if probe.commands else None
+            k_cmd = len(probe.commands)
+        k_tw, k_jc = len(probe.twists), len(joint_cmds)
+        img.header.stamp = probe.js_stamp  # sim time of the latest joint state (no /clock flood here)
+        t0 = time.monotonic()
+        pub.publish(img)
+
+        def changed(k_cmd=k_cmd, before=before):
             with probe.lock:
-                before = probe.commands[-1][1] if probe.commands else None
-                k_cmd = len(probe.commands)
-            k_tw, k_jc = len(probe.twists), len(joint_cmds)
-            img.header.stamp = probe.js_stamp  # sim time of the latest joint state (no /clock flood here)
-            t0 = time.monotonic()
-            pub.publish(img)
+                for t, q in probe.commands[k_cmd:]:
+                    if before is None or np.max(np.abs(q - before)) > 1e-7:
+                        return t
+            return None
 
-            def changed(k_cmd=k_cmd, before=before):
-                with probe.lock:
-                    for t, q in probe.commands[k_cmd:]:
-                        if before is None or np.max(np.abs(q - before)) > 1e-7:
-                            return t
-                return None
-
-            if not probe.wait_for(lambda: changed() is not None, 5.0, alive=runner.running, step=0.001):
+        if not probe.wait_for(lambda: changed() is not None, 5.0, alive=runner.running, step=0.001):
+            if i >= 3:
                 misses += 1
                 why = ("no policy action (image lost or judged stale)" if len(probe.twists) == k_tw else
                        "servo produced no joint command" if len(joint_cmds) == k_jc else
                        "safety did not follow (holding, e.g. stale joint states)")
                 reasons[why] = reasons.get(why, 0) + 1
-                continue
-            if i < 3:
-                continue
-            t_cmd = changed()
-            total.append(t_cmd - t0)
-            if len(probe.twists) > k_tw and len(joint_cmds) > k_jc:
-                t_tw, t_jc = probe.twists[k_tw], joint_cmds[k_jc]
-                policy_s.append(t_tw - t0)
-                servo_s.append(t_jc - t_tw)
-                safety_s.append(t_cmd - t_jc)
-    finally:
-        runner.stop()
-        probe.close()
-    if not total:
-        print(f"no samples (misses {misses}; logs: {logs})", file=sys.stderr)
-        return 1
-    rows = [("image -> controller command (total)", total),
-            ("image -> magma/ee_twist (policy node)", policy_s),
-            ("ee_twist -> magma/joint_command (servo)", servo_s),
-            ("joint_command -> controller topic (safety, 100 Hz output)", safety_s)]
-    md = [f"Pipeline latency, {a.robot}, scripted policy (no model time), jtc controller, MuJoCo sim with "
-          f"rendering off, all nodes in separate processes over Fast DDS (LARGE_DATA, localhost); "
-          f"{len(total)} images of 640x480 rgb8 timed; {misses} gave no new command within 5 s"
-          + (" (" + "; ".join(f"{k}: {v}" for k, v in reasons.items()) + ")" if reasons else "") + ".",
-          f"Machine: {machine()}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-          f"(1/5/15 min) before the run — other jobs on this host inflate every figure.", "",
-          "| stage | p50 [ms] | p99 [ms] | max [ms] |", "|---|---|---|---|"]
-    for name, v in rows:
-        md.append(f"| {name} | {pct(v, 50):.1f} | {pct(v, 99):.1f} | {pct(v, 100):.1f} |")
-    md.append("")
-    md.append("Run: `.venv/bin/python benchmarks/pipeline.py`.")
-    text = "\n".join(md)
-    print(text)
-    if not a.no_write:
-        write_section("pipeline", "## Pipeline latency (image -> controller command)\n\n" + text)
-    return 0
+            continue
+        if i < 3:
+            continue
+        t_cmd = changed()
+        stages["total"].append(t_cmd - t0)
+        if len(probe.twists) > k_tw and len(joint_cmds) > k_jc:
+            t_tw, t_jc = probe.twists[k_tw], joint_cmds[k_jc]
+            stages["policy"].append(t_tw - t0)
+            stages["servo"].append(t_jc - t_tw)
+            stages["safety"].append(t_cmd - t_jc)
+    return stages, misses, reasons
 
 
 if __name__ == "__main__":

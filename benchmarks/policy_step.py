@@ -210,10 +210,10 @@ def stats_ms(ts):
 
 
 # --------------------------------------------------------------------------------------- results
-HEADER = ("| device | checkpoint | dtype | quant | batch | compile | fast p50 / p99 ms | fast Hz | "
+HEADER = ("| device | checkpoint | dtype | quant | batch | compile | clock | fast p50 / p99 ms | fast Hz | "
           "plain p50 / p99 ms | plain Hz | speedup | generate call ms fast / plain | actions/s | peak GPU GB | "
           "tokens equal | machine |")
-SEP = "|" + "---|" * 16
+SEP = "|" + "---|" * 17
 
 
 def _row(r: dict) -> str:
@@ -223,7 +223,8 @@ def _row(r: dict) -> str:
     gen = f"{r['fast_gen_ms']:.1f} / " + (f"{r['plain_gen_ms']:.1f} ({r['gen_speedup']:.2f}×)"
                                           if r.get("plain_gen_ms") else "–")
     return (f"| {r['device']} | {r['checkpoint']} | {r['dtype']} | {r['quant']} | {r['batch']} | "
-            f"{r['compile']} | {r['fast_p50_ms']:.1f} / {r['fast_p99_ms']:.1f} | {r['fast_hz']:.2f} | "
+            f"{r['compile']} | {r.get('clock', 'wall')} | "
+            f"{r['fast_p50_ms']:.1f} / {r['fast_p99_ms']:.1f} | {r['fast_hz']:.2f} | "
             f"{plain[0]} | {plain[1]} | {plain[2]} | {gen} | {r['actions_per_s']:.2f} | {peak} | "
             f"{r['tokens_equal']} | {r['machine']} |")
 
@@ -232,7 +233,8 @@ PREAMBLE = f"""## policy_step — one Magma policy step (image + instruction →
 
 `benchmarks/policy_step.py`: preprocessing + vision + prefill + 7 decode steps + action decode,
 fast path (`FastGenerator`) vs plain transformers `generate` on the same weights in the same run,
-interleaved. Hz = 1 / p50 of one step; actions/s = batch / p50. Random-weight checkpoints (same
+interleaved. Hz = 1 / p50 of one step; actions/s = batch / p50; clock = wall (perf_counter) or
+process (this process's CPU time) and torch threads. Random-weight checkpoints (same
 shapes, same cost as trained ones). CPU figures on a shared, noisy 2-core machine.
 
 **No GPU machine was available to the session that wrote this section**, so the GPU rows (the
@@ -256,10 +258,10 @@ def write_rows(rows: list[dict]) -> None:
     m = re.search(rf"<!-- {SECTION}:begin -->(.*?)<!-- {SECTION}:end -->", text, re.S)
     lines = m.group(1).splitlines() if m else []
     old = [ln for ln in lines if ln.startswith(("| cpu", "| cuda"))]
-    table = {tuple(c.strip() for c in ln.split("|")[1:7]): ln for ln in old}
+    table = {tuple(c.strip() for c in ln.split("|")[1:8]): ln for ln in old}
     for r in rows:
         ln = _row(r)
-        table[tuple(c.strip() for c in ln.split("|")[1:7])] = ln
+        table[tuple(c.strip() for c in ln.split("|")[1:8])] = ln
     body = "\n".join([PREAMBLE, HEADER, SEP, *sorted(table.values())])
     write_section(SECTION, body)
 
@@ -308,8 +310,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in a.batch.split(",")]
     frames_pool = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(8)]
     mach = machine() if device.type == "cpu" else f"{torch.cuda.get_device_name(device)}, {machine()}"
-    if device.type == "cpu":
-        mach += f", {torch.get_num_threads()} torch threads, {a.clock} clock"
+    clock_label = a.clock if device.type == "cuda" else f"{a.clock}, {torch.get_num_threads()} thr"
 
     rows, summary = [], None
     for quant in [q.strip() for q in a.quant.split(",")]:
@@ -337,7 +338,7 @@ def main(argv=None) -> int:
                      plain_p50_ms=None, plain_p99_ms=None, plain_hz=None, speedup=None,
                      tokens_equal=bool(equal) if "plain" in times else None, machine=mach,
                      peak_gb=peak,
-                     constrained=a.constrained)
+                     constrained=a.constrained, clock=clock_label)
             r["fast_gen_ms"] = stats_ms(gen["fast"])[0]
             if "plain" in times:
                 p50, p99 = stats_ms(times["plain"])

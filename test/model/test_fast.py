@@ -348,7 +348,8 @@ def test_benchmark_cli_ends_with_a_json_line(ckpt):
 
     root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "policy_step.py"), "--device", "cpu",
-                        "--checkpoint", str(ckpt), "--iters", "1", "--warmup", "0", "--no-write"],
+                        "--checkpoint", str(ckpt), "--iters", "1", "--warmup", "0", "--threads", "1",
+                        "--no-write"],
                        capture_output=True, text=True, timeout=300, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     last = json.loads(r.stdout.strip().splitlines()[-1])

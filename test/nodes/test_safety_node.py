@@ -138,10 +138,17 @@ class Probe:
     def wait(self, pred, timeout: float = 10.0) -> bool:
         last = [0.0]
 
+        ex = self.node.executor_
+
         def p():
             if time.monotonic() - last[0] > 0.02:
                 last[0] = time.monotonic()
                 self.tick()
+            for _ in range(100):  # drain what has arrived (100 Hz outputs): never judge stale data
+                n = len(self.outs) + len(self.states) + len(self.diags)
+                ex.spin_once(timeout_sec=0)
+                if len(self.outs) + len(self.states) + len(self.diags) == n:
+                    break
             return pred()
 
         return self.node.spin_until(p, timeout, step=0.005)
@@ -273,7 +280,8 @@ def test_startup_in_limit_stream_gripper_and_bad_messages(nodes, rclpy_node):
 
 def test_teleop_priority_estop_reset_and_watchdogs(nodes, rclpy_node):
     r = load_robot("fr3")
-    proc, params = start(nodes, state_timeout=1.0, command_timeout=1.0)
+    # 50 Hz output: a loaded test machine must keep up with the stream it checks
+    proc, params = start(nodes, state_timeout=1.0, command_timeout=1.0, output_rate=50.0)
     probe = Probe(rclpy_node, r, params)
     alive(nodes, probe=probe, proc=proc)
     assert probe.wait(lambda: len(probe.outs) > 3, 15.0), nodes.log(proc)
@@ -294,7 +302,7 @@ def test_teleop_priority_estop_reset_and_watchdogs(nodes, rclpy_node):
 
     assert policy_stream(5.0, until=lambda: probe.source() == "policy")
     policy_stream(0.5)
-    assert np.max(np.abs(probe.last() - r.home)) > 0.02  # the policy moves the arm
+    assert probe.wait(lambda: np.max(np.abs(probe.last() - r.home)) > 0.02, 5.0)  # the policy moves it
 
     # teleop wins at once, the policy is ignored while teleop drives
     hold_here = probe.last().copy()
@@ -311,14 +319,14 @@ def test_teleop_priority_estop_reset_and_watchdogs(nodes, rclpy_node):
     assert time.monotonic() - t_quiet > 0.9
     policy_stream(1.5)
     assert probe.source() == "hold"
+    assert probe.wait(lambda: np.array_equal(probe.outs[-1][1], probe.outs[-5][1]), 5.0)  # standing still
     held = probe.last().copy()
-    np.testing.assert_array_equal(probe.outs[-1][1], probe.outs[-5][1])  # standing still
     # explicit hand-back
     resp = probe.call("resume_policy")
     assert resp.success, resp.message
     assert policy_stream(5.0, until=lambda: probe.source() == "policy")
     policy_stream(0.6)
-    assert np.max(np.abs(probe.last() - held)) > 1e-3
+    assert probe.wait(lambda: np.max(np.abs(probe.last() - held)) > 1e-3, 5.0)
 
     # e-stop: latches at once, decelerates within the limits (checker), survives any stream
     from std_msgs.msg import Empty
@@ -344,6 +352,7 @@ def test_teleop_priority_estop_reset_and_watchdogs(nodes, rclpy_node):
         probe.command([probe.last() - 0.2], [0.1], source="teleop")
         probe.sleep(0.1)
     assert probe.wait_state(lambda s: s == "estopped", 5.0)
+    assert probe.wait(lambda: np.array_equal(probe.outs[-1][1], probe.outs[-5][1]), 5.0)
     after = [q for w, q in probe.outs[n_before:]]
     speeds = [np.linalg.norm(b - a) for a, b in zip([probe.outs[n_before - 1][1]] + after[:-1], after)]
     # a controlled stop (the checker has verified every step's acceleration): the speed falls to a
