@@ -25,6 +25,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/safety.py
 	$(PY) benchmarks/policy_step.py --device cpu --checkpoint tiny
+	$(PY) benchmarks/pipeline.py
 
 clean:
 	rm -rf build install log *.egg-info .pytest_cache

@@ -27,7 +27,7 @@ from magma_ros.core.errors import ConfigError
 PASSTHROUGH = {
     "make-tiny-checkpoint": ("magma_ros.model.checkpoint", "write a small random-weight Magma checkpoint"),
     "serve": ("magma_ros.serve.server", "serve a Magma policy over TCP (msgpack)"),
-    "launch": ("magma_ros.launch_runner", "run a ROS 2 launch file (.launch.yaml/.xml) without ros2 launch"),
+    "launch": ("magma_ros.launch_runner", "run a ROS 2 launch file (.launch.yaml) without ros2 launch"),
 }
 
 

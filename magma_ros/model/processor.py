@@ -142,6 +142,58 @@ def preprocess_robot(image, cfg: ProcessorConfig = DEFAULT, bgr: bool = False) -
     return preprocess(resize_robot(image, cfg.robot_size, bgr=bgr), cfg)
 
 
+_STATS_CACHE: dict = {}
+
+
+def _stats(cfg: ProcessorConfig, device, dtype=torch.float32):
+    key = (cfg.image_mean, cfg.image_std, str(device), dtype)
+    hit = _STATS_CACHE.get(key)
+    if hit is None:
+        mean = torch.tensor(cfg.image_mean, dtype=dtype, device=device)[:, None, None]
+        std = torch.tensor(cfg.image_std, dtype=dtype, device=device)[:, None, None]
+        hit = _STATS_CACHE[key] = (mean, std)
+    return hit
+
+
+def preprocess_fast(image, cfg: ProcessorConfig = DEFAULT, bgr: bool = False, device=None,
+                    channels_last: bool = True) -> dict[str, torch.Tensor]:
+    """`preprocess` for one image, for the fast engine: the same ops with fewer copies, on ``device``.
+
+    uint8 HWC → torch without a float copy on the host (the frame moves to ``device`` as uint8);
+    ``/255``, mean and std on the small image exactly as `preprocess`; one ``F.interpolate`` to the
+    crop grid; the crops are a view (1x1 grid: no copy) / one permute copy. With ``channels_last``
+    the interpolation runs on an NHWC tensor and the crops come out NHWC (what the vision tower's
+    convolutions prefer); values equal `preprocess` within float rounding (tested ≤ 1e-5).
+    Returns ``pixel_values`` (1, n_crops, 3, S, S) float32 (already batched, as `collate` of one)
+    and ``image_sizes`` (1, 1, 2) long (on the host).
+    """
+    a = _to_rgb_array(image, bgr=bgr)
+    s = cfg.base_img_size
+    rows, cols = crop_grid(a.shape[1], a.shape[0], cfg.num_crops, s)
+    mean, std = _stats(cfg, device)
+    t = torch.from_numpy(a).to(device)  # (H, W, 3) uint8
+    t = t.permute(2, 0, 1)[None]  # (1, 3, H, W) view with NHWC strides
+    if not channels_last:
+        t = t.contiguous()
+    t = t.to(torch.float32).div_(255).sub_(mean).div_(std)  # ToTensor + Normalize, same ops
+    t = torch.nn.functional.interpolate(t, size=(rows * s, cols * s), mode="bilinear")
+    if rows * cols == 1:
+        pv = t[None]  # (1, 1, 3, S, S) view
+    else:
+        mf = torch.channels_last if channels_last else torch.contiguous_format
+        pv = (t.view(3, rows, s, cols, s).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, S, S)
+              .reshape(rows * cols, 3, s, s).contiguous(memory_format=mf))[None]
+    return {"pixel_values": pv, "image_sizes": torch.tensor([[[rows, cols]]], dtype=torch.long)}
+
+
+def preprocess_robot_fast(image, cfg: ProcessorConfig = DEFAULT, bgr: bool = False, device=None,
+                          channels_last: bool = True) -> dict[str, torch.Tensor]:
+    """`preprocess_robot` through `preprocess_fast` (the 256x256 PIL BICUBIC resize is kept: it is
+    part of the reference semantics)."""
+    return preprocess_fast(resize_robot(image, cfg.robot_size, bgr=bgr), cfg, device=device,
+                           channels_last=channels_last)
+
+
 def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Batch `preprocess` outputs: pixel_values (B, max_crops, 3, S, S) and image_sizes (B, max_images, 2).
 

@@ -86,27 +86,50 @@ def _coerce(name: str, value, t):
 
 
 def run_node(make_node: Callable[[], object], args=None, threads: int = 2) -> int:
-    """Run a node built by ``make_node`` until shutdown. Returns the process exit status."""
+    """Run a node built by ``make_node`` until shutdown. Returns the process exit status.
+
+    rclpy's own signal handlers are disabled: SIGINT/SIGTERM raise KeyboardInterrupt in the main
+    thread, so the node's ``close()`` stops its worker threads while the context is still valid
+    (a worker publishing into a shut-down context would raise), then the context shuts down.
+    """
+    import signal
+
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
 
-    rclpy.init(args=args)
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = None
+    executor = None
     try:
         node = make_node()
         executor = MultiThreadedExecutor(num_threads=threads)
         executor.add_node(node)
-        executor.spin()
+        while rclpy.ok():  # short waits: the SIGINT/SIGTERM handler runs between them
+            executor.spin_once(timeout_sec=0.1)
     except ConfigError as e:
         print(f"[magma_ros] error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not abort the clean-up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if node is not None:
             close = getattr(node, "close", None)
             if callable(close):
-                close()
+                try:
+                    close()
+                except Exception as e:  # noqa: BLE001 - report, then still shut down cleanly
+                    print(f"[magma_ros] error while closing: {e}", file=sys.stderr)
+        if executor is not None:
+            executor.shutdown(timeout_sec=1.0)
+        if node is not None:
             node.destroy_node()
         if rclpy.ok():
             rclpy.try_shutdown()

@@ -35,6 +35,10 @@ class PolicyNodeConfig:
     scripted_loop: bool = False  # scripted: start over when the list ends (else hold: "script finished")
     step_period: float = 0.0  # [s] one action per step; 0 = the policy's (statistics) or 0.2 s scripted
     image_timeout: float = 0.5  # [s] frames older than this (node clock) are not acted on
+    # image subscription reliability, depth 1 either way (newest frame only). "reliable" matches
+    # realsense2_camera's default and the sim; Fast DDS drops most large frames to a best-effort
+    # reader. Use "best_effort" for cameras that publish with the sensor-data QoS.
+    image_qos: str = "reliable"
     instruction: str = ""  # initial instruction (magma/instruction overrides it)
     device: str = ""  # local: "cuda", "cuda:1", "cpu"; "" = GPU when present, else CPU
     tom_rate: float = 0.0  # [Hz] Trace-of-Mark plans (local policy only); 0 = off
@@ -189,7 +193,9 @@ def make_node():
                                      lambda: self.loop.instruction, self.loop.busy if shared else None,
                                      self.report, slack=self.loop.slack if shared else None)
             cb = MutuallyExclusiveCallbackGroup()
-            img_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
+            choose(self.cfg.image_qos, ("reliable", "best_effort"), "image_qos")
+            img_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE if self.cfg.image_qos == "reliable"
+                                 else ReliabilityPolicy.BEST_EFFORT)
             self.create_subscription(Image, IMAGE_TOPIC, self.on_image, img_qos, callback_group=cb)
             instr_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                                    durability=DurabilityPolicy.TRANSIENT_LOCAL)
