@@ -127,6 +127,10 @@ def rclpy_node(ros_env):
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             ex.spin_once(timeout_sec=step)
+            for _ in range(50):  # drain what is already queued: a 100 Hz stream must not pile up
+                if pred():
+                    return True
+                ex.spin_once(timeout_sec=0)
             if pred():
                 return True
         return bool(pred())
