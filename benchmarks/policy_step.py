@@ -3,10 +3,13 @@
 A step is what ``MagmaPolicy.infer`` does: robot prompt → token ids, 640×480 RGB frame →
 ``preprocess_robot`` (256×256, one 512×512 crop, 272 visual tokens) → vision tower + projector →
 prefill → 7 greedy decode steps → 7-DoF action (``ActionDecoder``, bridge_orig statistics). Both
-paths run exactly that; only the generation call differs:
+paths compute the same values; they differ in how:
 
-* fast:  ``FastGenerator.generate`` (static KV cache, prefix KV reuse, optional compile/quant)
-* plain: ``MagmaModel.generate_plain`` (``language_model.generate(inputs_embeds=..., do_sample=False)``)
+* fast:  prompt ids made once per instruction, ``preprocess_robot_fast`` (same pixel values as the
+  official processor, on the device), ``FastGenerator.generate`` (static KV cache, prefix KV
+  reuse, NHWC vision tower, optional compile/quant) — what ``MagmaPolicy`` does with the fast engine
+* plain: chat template + tokenizer every step, the official processor, ``MagmaModel.generate_plain``
+  (``language_model.generate(inputs_embeds=..., do_sample=False)``) — what a user would write
 
 The two are timed interleaved (fast, plain, fast, plain, … with the order alternating) so machine
 noise hits both alike; ``tokens_equal`` says whether they produced the same tokens on every frame.
@@ -143,24 +146,45 @@ class Step:
         self.mm = bool(model.config.mm_use_image_start_end)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad = int(pad if pad is not None else model.config.pad_token_id)
+        self._ids_key, self._ids = None, None
 
     def inputs(self, frames):
+        """Plain path: what a user writes — chat template + tokenizer every step, the official
+        processor (``preprocess_robot`` + ``collate``) on the host, then ``.to(device)``."""
         from magma_ros.model.processor import collate, preprocess_robot
 
         ids = [prompts.encode(self.tok, prompts.robot_prompt(self.tok, INSTRUCTION, self.mm)) for _ in frames]
+        input_ids, mask = self._pad(ids)
+        batch = collate([preprocess_robot(f) for f in frames])
+        pv = batch["pixel_values"].to(self.device, non_blocking=True)
+        return input_ids, mask, pv, batch["image_sizes"].to(self.device)
+
+    def _pad(self, ids):
         n = max(len(r) for r in ids)
         input_ids = torch.full((len(ids), n), self.pad, dtype=torch.long)
         mask = torch.zeros((len(ids), n), dtype=torch.long)
         for i, r in enumerate(ids):
             input_ids[i, n - len(r):] = torch.tensor(r)
             mask[i, n - len(r):] = 1
-        batch = collate([preprocess_robot(f) for f in frames])
-        pv = batch["pixel_values"].to(self.device, non_blocking=True)
-        return input_ids.to(self.device), mask.to(self.device), pv, batch["image_sizes"].to(self.device)
+        return input_ids.to(self.device), mask.to(self.device)
+
+    def inputs_fast(self, frames):
+        """Fast path, as ``MagmaPolicy`` with the fast engine: prompt ids made once per instruction
+        (they do not change between steps), ``preprocess_robot_fast`` on the device (same values)."""
+        from magma_ros.model.processor import preprocess_robot_fast
+
+        key = (INSTRUCTION, len(frames))
+        if self._ids_key != key:
+            ids = [prompts.encode(self.tok, prompts.robot_prompt(self.tok, INSTRUCTION, self.mm)) for _ in frames]
+            self._ids, self._ids_key = self._pad(ids), key
+        samples = [preprocess_robot_fast(f, device=self.device) for f in frames]
+        pv = samples[0]["pixel_values"] if len(samples) == 1 else torch.cat([s["pixel_values"] for s in samples])
+        sizes = torch.cat([s["image_sizes"] for s in samples]).to(self.device)
+        return (*self._ids, pv, sizes)
 
     def __call__(self, frames, engine: str, allowed=None, clock=time.perf_counter):
         """→ (tokens (B, n), actions, seconds spent in the generation call: vision + prefill + decode)."""
-        ids, mask, pv, sizes = self.inputs(frames)
+        ids, mask, pv, sizes = self.inputs_fast(frames) if engine == "fast" else self.inputs(frames)
         _sync(self.device)
         t0 = clock()
         if engine == "fast":

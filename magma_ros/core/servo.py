@@ -203,6 +203,11 @@ class Servo:
         self._segment = None
 
     @property
+    def has_state(self) -> bool:
+        """True once a complete, finite arm joint state has arrived."""
+        return self._q is not None
+
+    @property
     def target_q(self) -> np.ndarray | None:
         return None if self._target_q is None else self._target_q.copy()
 

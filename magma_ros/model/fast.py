@@ -66,6 +66,8 @@ class LayerWeights:
     gate: object  # (I, H)
     up: object  # (I, H)
     down: object  # (H, I)
+    qkv: Tensor | None = None  # (nh*D + 2*kvh*D, H) fused copy of q/k/v (small CPU models only)
+    gate_up: Tensor | None = None  # (2*I, H) fused copy of gate/up (small CPU models only)
 
 
 class Engine(nn.Module):
@@ -75,7 +77,8 @@ class Engine(nn.Module):
     can capture ``decode_one_token`` in a CUDA graph while it writes into them.
     """
 
-    def __init__(self, lm: nn.Module, max_batch: int, max_seq_len: int):
+    def __init__(self, lm: nn.Module, max_batch: int, max_seq_len: int, lm_head_t: bool = True,
+                 fuse: bool = True):
         super().__init__()
         cfg = lm.config
         dec = lm.model
@@ -92,6 +95,14 @@ class Engine(nn.Module):
         self.embed = dec.embed_tokens.weight  # (V, H)
         self.norm = dec.norm.weight  # (H,)
         self.lm_head = _w(lm.lm_head)  # (V, H)
+        # CPU: a (H, V) copy of a small lm_head makes the 1-row head a GEMM with contiguous rows
+        # (x @ W^T through a pre-transposed weight: ~2.5x faster than F.linear's transposed GEMV
+        # for the tiny checkpoint's 128k x 16 head; same values within float rounding)
+        self.lm_head_t = None
+        w = self.lm_head
+        if (lm_head_t and isinstance(w, Tensor) and w.device.type == "cpu"
+                and w.numel() * w.element_size() <= 256 * 2**20):
+            self.lm_head_t = w.detach().t().contiguous()  # (H, V)
         self.layers = [
             LayerWeights(
                 ln1=layer.input_layernorm.weight, q=_w(layer.self_attn.q_proj), k=_w(layer.self_attn.k_proj),
@@ -100,6 +111,15 @@ class Engine(nn.Module):
                 up=_w(layer.mlp.up_proj), down=_w(layer.mlp.down_proj))
             for layer in dec.layers
         ]
+        # CPU, small decoder: q/k/v and gate/up as one matmul each (fewer ops per step; a copy of
+        # those weights, so only when they are plain tensors and small)
+        if fuse and self.embed.device.type == "cpu":
+            for lw in self.layers:
+                qkv, gu = (lw.q, lw.k, lw.v), (lw.gate, lw.up)
+                if all(isinstance(t, Tensor) for t in qkv + gu) and \
+                        sum(t.numel() * t.element_size() for t in qkv + gu) <= 64 * 2**20:
+                    lw.qkv = torch.cat([t.detach() for t in qkv], 0)
+                    lw.gate_up = torch.cat([t.detach() for t in gu], 0)
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         # RoPE exactly as transformers computes it (its inv_freq already holds llama3 / linear / ...
@@ -113,9 +133,11 @@ class Engine(nn.Module):
 
     def parameters_and_caches(self) -> list[Tensor]:
         """Every plain tensor the step functions read (quantized modules excluded)."""
-        ts = [self.embed, self.norm, self.lm_head, self.k_cache, self.v_cache, self.valid, self.cos, self.sin]
+        ts = [self.embed, self.norm, self.lm_head, self.lm_head_t, self.k_cache, self.v_cache, self.valid,
+              self.cos, self.sin]
         for lw in self.layers:
-            ts += [getattr(lw, f) for f in ("ln1", "q", "k", "v", "o", "ln2", "gate", "up", "down")]
+            ts += [getattr(lw, f) for f in ("ln1", "q", "k", "v", "o", "ln2", "gate", "up", "down", "qkv",
+                                            "gate_up")]
         return [t for t in ts if type(t) in (Tensor, nn.Parameter)]
 
     def allocate(self, max_batch: int, max_seq_len: int) -> None:
@@ -154,19 +176,24 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (B, heads, T, D); cos, sin: (B, T, D) → broadcast over heads
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    # x: (B, heads, T, D); cos, sin: (B, 1, T, D) → broadcast over heads
+    return x * cos + rotate_half(x) * sin
 
 
 def layer_forward(e: Engine, i: int, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, kv_len: int,
                   mask: Tensor | None, B: int) -> Tensor:
-    # x: (B, T, H); cos/sin: (B, T, D); slots: (T,) cache slots written; mask: (B, 1, T, kv_len) bool or None
+    # x: (B, T, H); cos/sin: (B, 1, T, D); slots: (T,) cache slots written; mask: (B, 1, T, kv_len) bool or None
     lw = e.layers[i]
     T = x.shape[1]
     h = rms_norm(x, lw.ln1, e.eps)
-    q = linear(h, lw.q).view(B, T, e.n_heads, e.head_dim).transpose(1, 2)  # (B, nh, T, D)
-    k = linear(h, lw.k).view(B, T, e.n_kv, e.head_dim).transpose(1, 2)  # (B, kvh, T, D)
-    v = linear(h, lw.v).view(B, T, e.n_kv, e.head_dim).transpose(1, 2)  # (B, kvh, T, D)
+    if lw.qkv is not None:
+        q, k, v = F.linear(h, lw.qkv).split((e.n_heads * e.head_dim, e.n_kv * e.head_dim,
+                                             e.n_kv * e.head_dim), -1)
+    else:
+        q, k, v = linear(h, lw.q), linear(h, lw.k), linear(h, lw.v)
+    q = q.view(B, T, e.n_heads, e.head_dim).transpose(1, 2)  # (B, nh, T, D)
+    k = k.view(B, T, e.n_kv, e.head_dim).transpose(1, 2)  # (B, kvh, T, D)
+    v = v.view(B, T, e.n_kv, e.head_dim).transpose(1, 2)  # (B, kvh, T, D)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_cache, v_cache = e.k_cache[i, :B], e.v_cache[i, :B]  # (B, kvh, S, D) views
     k_cache.index_copy_(2, slots, k)
@@ -176,6 +203,9 @@ def layer_forward(e: Engine, i: int, x: Tensor, cos: Tensor, sin: Tensor, slots:
         enable_gqa=e.n_heads != e.n_kv)
     x = x + linear(a.transpose(1, 2).reshape(B, T, e.n_heads * e.head_dim), lw.o)
     h = rms_norm(x, lw.ln2, e.eps)
+    if lw.gate_up is not None:
+        g, u = F.linear(h, lw.gate_up).chunk(2, -1)
+        return x + linear(F.silu(g) * u, lw.down)
     return x + linear(F.silu(linear(h, lw.gate)) * linear(h, lw.up), lw.down)
 
 
@@ -183,10 +213,12 @@ def forward_tokens(e: Engine, x: Tensor, pos: Tensor, slots: Tensor, kv_len: int
                    mask: Tensor | None) -> Tensor:
     # x: (B, T, H) input embeddings; pos: (B, T) RoPE positions → logits of the LAST position (B, V) float32
     B = x.shape[0]
-    cos, sin = e.cos[pos], e.sin[pos]  # (B, T, D)
+    cos, sin = e.cos[pos][:, None], e.sin[pos][:, None]  # (B, 1, T, D)
     for i in range(e.n_layers):
         x = layer_forward(e, i, x, cos, sin, slots, kv_len, mask, B)
     h = rms_norm(x[:, -1], e.norm, e.eps)  # (B, H)
+    if e.lm_head_t is not None:
+        return torch.mm(h, e.lm_head_t).float()  # (B, V)
     return linear(h, e.lm_head).float()  # (B, V)
 
 
@@ -220,10 +252,85 @@ def pick(logits: Tensor, bias: Tensor | None, finished: Tensor, eos: Tensor, pad
     # logits: (B, V) float32; bias: (V,) 0 / -inf or None; finished: (B,) bool, updated in place
     if bias is not None:
         logits = logits + bias
-    tok = logits.argmax(-1)  # (B,)
-    tok = torch.where(finished, torch.full_like(tok, pad), tok)  # rows past EOS emit pad, as generate
-    finished |= torch.isin(tok, eos)
+    tok = logits.argmax(-1).masked_fill_(finished, pad)  # (B,); rows past EOS emit pad, as generate
+    finished |= (tok == eos) if eos.numel() == 1 else torch.isin(tok, eos)
     return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# The vision tower (timm ConvNeXt trunk) in NHWC, without the layout round trips.
+# ----------------------------------------------------------------------------------------------
+
+def _ln(x: Tensor, m: nn.Module) -> Tensor:
+    return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+
+
+def convnext_nhwc_supported(trunk: nn.Module) -> bool:
+    """Whether :func:`convnext_forward_nhwc` covers this trunk (open_clip / Magma ConvNeXt layout)."""
+    try:
+        from timm.layers import LayerNorm, LayerNorm2d
+        from timm.layers.activations import GELU as TimmGELU
+        from timm.models.convnext import ConvNeXtBlock
+    except ImportError:
+        return False
+    stem = getattr(trunk, "stem", None)
+    if not (isinstance(stem, nn.Sequential) and len(stem) == 2 and type(stem[0]) is nn.Conv2d
+            and type(stem[1]) is LayerNorm2d and isinstance(getattr(trunk, "stages", None), nn.Sequential)):
+        return False
+    for st in trunk.stages:
+        ds = st.downsample
+        if not (isinstance(ds, nn.Identity) or (isinstance(ds, nn.Sequential) and len(ds) == 2
+                                                 and type(ds[0]) is LayerNorm2d and type(ds[1]) is nn.Conv2d)):
+            return False
+        for b in st.blocks:
+            if not (type(b) is ConvNeXtBlock and not b.use_conv_mlp and type(b.norm) is LayerNorm
+                    and type(b.conv_dw) is nn.Conv2d and isinstance(b.shortcut, nn.Identity)
+                    and isinstance(b.drop_path, nn.Identity) and isinstance(b.mlp.norm, nn.Identity)
+                    and type(b.mlp.fc1) is nn.Linear and type(b.mlp.fc2) is nn.Linear
+                    and (type(b.mlp.act) is TimmGELU
+                         or (type(b.mlp.act) is nn.GELU and b.mlp.act.approximate == "none"))
+                    and isinstance(b.mlp.drop1, nn.Dropout | nn.Identity)):
+                return False
+    return True
+
+
+def convnext_forward_nhwc(trunk: nn.Module, x: Tensor) -> Tensor:
+    """``trunk.stages(trunk.stem(x))`` (eval) as NHWC: x (N, 3, H, W) → features (N, h, w, C).
+
+    The same ops as timm's ConvNeXt blocks (conv_dw → LayerNorm → fc1 → GELU → fc2 → gamma →
+    + shortcut), but the convolutions run on channels_last tensors, so every ``permute`` between
+    NCHW convolutions and NHWC LayerNorm/MLP is a free view instead of a copy, and the layer-scale
+    multiply and residual add are in place. Values equal the module's within float rounding
+    (different convolution kernels for NHWC); tokens are tested equal to the plain path.
+    """
+    stem = trunk.stem
+    h = stem[0](x.contiguous(memory_format=torch.channels_last))
+    h = _ln(h.permute(0, 2, 3, 1), stem[1])  # (N, H, W, C), contiguous
+    for st in trunk.stages:
+        ds = st.downsample
+        if not isinstance(ds, nn.Identity):
+            h = ds[1](_ln(h, ds[0]).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        for b in st.blocks:
+            y = b.conv_dw(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # NHWC view of an NHWC conv
+            y = _ln(y, b.norm)
+            y = F.linear(y, b.mlp.fc1.weight, b.mlp.fc1.bias)
+            y = F.gelu(y)
+            y = F.linear(y, b.mlp.fc2.weight, b.mlp.fc2.bias)
+            if b.gamma is not None:
+                y = y.mul_(b.gamma)
+            h = y.add_(h)
+    return h
+
+
+class NHWCVisionTower(nn.Module):
+    """``MagmaVisionTower`` through :func:`convnext_forward_nhwc`: pixels → (N, h, w, C)."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return convnext_forward_nhwc(self.tower.clip_vision_model.trunk, pixel_values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,12 +338,13 @@ def pick(logits: Tensor, bias: Tensor | None, finished: Tensor, eos: Tensor, pad
 # ----------------------------------------------------------------------------------------------
 
 def merge_one_image_per_row(model: nn.Module, vision, input_ids: Tensor, attention_mask: Tensor,
-                            pixel_values: Tensor, image_sizes: Tensor,
+                            pixel_values: Tensor, image_sizes: Tensor, nhwc: bool = False,
                             ) -> tuple[Tensor, Tensor, Tensor] | None:
     """``MagmaModel.prepare_inputs_embeds`` for rows that each hold exactly one ``<image>``.
 
-    Same result (bit for bit in eager mode: same ops on the same values), but the vision tower is
-    ``vision`` (e.g. a compiled one), the per-row Python merge becomes one gather, and the only
+    Same result (bit for bit in eager mode with the module's own tower: same ops on the same
+    values), but the vision tower is ``vision`` (e.g. a compiled one; ``nhwc``: it returns
+    (N, h, w, C) features, as :class:`NHWCVisionTower`), the per-row Python merge becomes one gather, and the only
     host reads are of the small id/mask/size tensors. Returns None when the inputs are not that
     case (several or no images, right padding, "global" anyres), and the caller falls back.
 
@@ -267,7 +375,9 @@ def merge_one_image_per_row(model: nn.Module, vision, input_ids: Tensor, attenti
         crops = torch.cat([pixel_values[b, :n] for b, n in enumerate(ncrop)], 0)
     if crops.is_cuda:
         crops = crops.contiguous(memory_format=torch.channels_last)  # NHWC convolutions
-    x = vision(crops).permute(0, 2, 3, 1)  # (N, h, w, C)
+    x = vision(crops)
+    if not nhwc:
+        x = x.permute(0, 2, 3, 1)  # (N, h, w, C)
     x = model.multi_modal_projector(x)  # (N, h, w, H)
     h, w, H = x.shape[1:]
     ids_d = input_ids.to(dev)
@@ -323,14 +433,19 @@ class FastGenerator:
     the decode step); ``compile_vision`` (default: on when ``compile`` is set) compiles the vision
     tower for this path only. ``reuse_prefix`` caches the KV of the tokens before the first
     ``<image>``. ``fast_merge`` merges one-image-per-row batches with one gather
-    (:func:`merge_one_image_per_row`) instead of the model's per-row loop. The KV cache holds
+    (:func:`merge_one_image_per_row`) instead of the model's per-row loop; ``nhwc_vision`` runs
+    the ConvNeXt trunk channels_last without layout copies (:func:`convnext_forward_nhwc`; only
+    on that merge path, the model's own merge keeps the module). ``lm_head_t`` keeps a transposed
+    copy of a small (≤ 256 MiB) CPU ``lm_head`` for a faster 1-row head; ``fuse`` keeps fused
+    q/k/v and gate/up copies of a small CPU decoder's weights (one matmul each). The KV cache holds
     ``max_batch`` × ``max_seq_len`` slots and grows when a call needs more.
     """
 
     def __init__(self, model: nn.Module, *, max_seq_len: int = 1024, max_batch: int = 1,
                  compile: str | None = None, dtype: torch.dtype | None = None, quant: str | None = None,
                  reuse_prefix: bool = True, prefix_cache_size: int = 4, compile_vision: bool | None = None,
-                 fast_merge: bool = True):
+                 fast_merge: bool = True, nhwc_vision: bool = True, lm_head_t: bool = True,
+                 fuse: bool = True):
         self.model = model
         self.fast_merge = fast_merge
         if dtype is not None:
@@ -345,7 +460,7 @@ class FastGenerator:
 
             self.quant_backend = quantize_language_model(lm, quant)
         model.eval()
-        self.engine = Engine(lm, max_batch, max_seq_len)
+        self.engine = Engine(lm, max_batch, max_seq_len, lm_head_t=lm_head_t, fuse=fuse)
         # the ids generate_plain passes to transformers' generate (config first, then generation_config)
         cfg = getattr(model, "config", None)
         gen = getattr(lm, "generation_config", None)
@@ -366,8 +481,12 @@ class FastGenerator:
         self.compile = compile
         vt = getattr(model, "vision_tower", None)
         self._vision = vt
+        self._vision_nhwc = False
+        trunk = getattr(getattr(vt, "clip_vision_model", None), "trunk", None)
+        if nhwc_vision and trunk is not None and convnext_nhwc_supported(trunk):
+            self._vision, self._vision_nhwc = NHWCVisionTower(vt), True
         if vt is not None and (compile_vision if compile_vision is not None else bool(compile)):
-            self._vision = torch.compile(vt)
+            self._vision = torch.compile(self._vision)
         self._decode = decode_one_token
         if compile:
             # weights and caches keep their addresses: CUDA graphs may read them in place
@@ -435,7 +554,7 @@ class FastGenerator:
         merged = None
         if self.fast_merge and pixel_values is not None and self._vision is not None:
             merged = merge_one_image_per_row(self.model, self._vision, input_ids, attention_mask,
-                                             pixel_values, image_sizes)
+                                             pixel_values, image_sizes, nhwc=self._vision_nhwc)
         if merged is None:
             merged = self.model.prepare_inputs_embeds(
                 input_ids.to(self.device), attention_mask.to(self.device), pixel_values, image_sizes)

@@ -172,15 +172,13 @@ def preprocess_fast(image, cfg: ProcessorConfig = DEFAULT, bgr: bool = False, de
     rows, cols = crop_grid(a.shape[1], a.shape[0], cfg.num_crops, s)
     mean, std = _stats(cfg, device)
     t = torch.from_numpy(a).to(device)  # (H, W, 3) uint8
-    t = t.permute(2, 0, 1)[None]  # (1, 3, H, W) view with NHWC strides
-    if not channels_last:
-        t = t.contiguous()
-    t = t.to(torch.float32).div_(255).sub_(mean).div_(std)  # ToTensor + Normalize, same ops
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    t = t.permute(2, 0, 1)[None].to(torch.float32, memory_format=mf)  # (1, 3, H, W)
+    t = t.div_(255).sub_(mean).div_(std)  # ToTensor + Normalize, same ops
     t = torch.nn.functional.interpolate(t, size=(rows * s, cols * s), mode="bilinear")
     if rows * cols == 1:
         pv = t[None]  # (1, 1, 3, S, S) view
     else:
-        mf = torch.channels_last if channels_last else torch.contiguous_format
         pv = (t.view(3, rows, s, cols, s).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, S, S)
               .reshape(rows * cols, 3, s, s).contiguous(memory_format=mf))[None]
     return {"pixel_values": pv, "image_sizes": torch.tensor([[[rows, cols]]], dtype=torch.long)}

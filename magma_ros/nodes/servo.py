@@ -131,7 +131,8 @@ def make_node():
             flowing = self._last_reason in ("applied", "gripper", "")
             st.level = DiagnosticStatus.OK if flowing else DiagnosticStatus.WARN
             st.message = "ok" if flowing else self._last_reason
-            vals = {"applied": s.applied, "held_late": s.held_late, "delta_mode": self.servo.delta_mode,
+            vals = {"joint_states": "yes" if self.servo.has_state else "no",
+                    "applied": s.applied, "held_late": s.held_late, "delta_mode": self.servo.delta_mode,
                     "step_period_s": self.cfg.step_period,
                     "last_twist_spacing_s": "" if self.servo.last_spacing is None else
                     f"{self.servo.last_spacing:.3f}"}

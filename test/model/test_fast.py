@@ -356,3 +356,98 @@ def test_benchmark_cli_ends_with_a_json_line(ckpt):
     assert {"device", "fast_hz", "plain_hz", "speedup", "tokens_equal"} <= set(last)
     assert last["device"] == "cpu" and last["tokens_equal"] is True
     assert np.isfinite(last["fast_hz"]) and last["fast_hz"] > 0
+
+
+# ---------------------------------------------------------------- fast preprocessing / vision / head
+FIXTURE_INPUTS = sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "magma_tiny"
+                         / "inputs").glob("*.png"))
+
+
+def _fixture_and_random_images():
+    from PIL import Image
+
+    ims = [np.asarray(Image.open(p).convert("RGB")) for p in FIXTURE_INPUTS]
+    rng = np.random.default_rng(7)
+    for h, w in [(480, 640), (256, 256), (100, 900), (700, 300), (1000, 1100), (37, 53), (513, 511)]:
+        ims.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    for _ in range(4):
+        h, w = (int(v) for v in rng.integers(16, 1200, 2))
+        ims.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return ims
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fast_preprocessing_equals_the_official_processor(channels_last):
+    from magma_ros.model.processor import preprocess, preprocess_fast, preprocess_robot, preprocess_robot_fast
+
+    ims = _fixture_and_random_images()
+    assert len(FIXTURE_INPUTS) >= 2
+    for a in ims:
+        for ref, got in [(preprocess(a), preprocess_fast(a, channels_last=channels_last)),
+                         (preprocess_robot(a), preprocess_robot_fast(a, channels_last=channels_last))]:
+            assert torch.equal(got["image_sizes"], ref["image_sizes"][None]), a.shape
+            pv = got["pixel_values"]
+            assert pv.shape == (1,) + tuple(ref["pixel_values"].shape) and pv.dtype == torch.float32
+            assert (pv[0] - ref["pixel_values"]).abs().max().item() <= 1e-5, a.shape
+    # BGR frames and grayscale input take the same conversions as the official path
+    a = ims[-1]
+    ref = preprocess(a, bgr=True)["pixel_values"]
+    assert (preprocess_fast(a, bgr=True)["pixel_values"][0] - ref).abs().max().item() <= 1e-5
+    g = a[..., 0]
+    assert (preprocess_fast(g)["pixel_values"][0] - preprocess(g)["pixel_values"]).abs().max().item() <= 1e-5
+
+
+def test_nhwc_vision_tower_matches_the_module(model):
+    from magma_ros.model.fast import NHWCVisionTower, convnext_nhwc_supported
+
+    trunk = model.vision_tower.clip_vision_model.trunk
+    assert convnext_nhwc_supported(trunk)
+    pv = torch.randn(2, 3, 512, 512, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model.vision_tower(pv).permute(0, 2, 3, 1)
+        got = NHWCVisionTower(model.vision_tower)(pv)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_fast_step_with_fast_preprocessing_gives_the_plain_tokens(model, fast):
+    """The benchmark's / policy's fast step (fast preprocessing, NHWC tower, transposed head, fused
+    q/k/v and gate/up) gives the tokens of the plain step (official processor + generate)."""
+    from magma_ros.model.processor import collate, preprocess_robot, preprocess_robot_fast
+
+    ids, mask = batch([prompt(WORDS_B)])
+    assert fast.engine.lm_head_t is not None and fast.engine.layers[0].qkv is not None
+    assert fast._vision_nhwc
+    for a in _fixture_and_random_images()[:5]:
+        ref_in = collate([preprocess_robot(a)])
+        ref = model.generate_plain(ids, mask, ref_in["pixel_values"], ref_in["image_sizes"], max_new_tokens=7)
+        f = preprocess_robot_fast(a)
+        out = fast.generate(ids, mask, f["pixel_values"], f["image_sizes"], max_new_tokens=7)
+        assert torch.equal(out, ref), (out, ref)
+
+
+def test_cpu_only_fast_paths_can_be_turned_off(model):
+    from magma_ros.model.fast import FastGenerator
+
+    ids, mask = batch([prompt(WORDS_A)])
+    pv, sizes = images(11)
+    ref = model.generate_plain(ids, mask, pv, sizes, max_new_tokens=7)
+    off = FastGenerator(model, max_seq_len=512, lm_head_t=False, fuse=False, nhwc_vision=False)
+    assert off.engine.lm_head_t is None and off.engine.layers[0].qkv is None and not off._vision_nhwc
+    assert torch.equal(off.generate(ids, mask, pv, sizes, max_new_tokens=7), ref)
+
+
+def test_policy_passes_fast_options_and_uses_fast_preprocessing(model, ckpt):
+    from magma_ros.model.policy import MagmaPolicy
+    from magma_ros.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ckpt)
+    fast_pol = MagmaPolicy(model, tokenizer=tok, max_batch=2, fast_options={"lm_head_t": False})
+    assert fast_pol.engine_name == "fast" and fast_pol._fast.engine.lm_head_t is None
+    plain_pol = MagmaPolicy(model, tokenizer=tok, engine="plain")
+    img = np.random.default_rng(5).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    obs = {"image": img, "instruction": "pick coke can"}
+    assert fast_pol.infer(obs)["tokens"] == plain_pol.infer(obs)["tokens"]
+    ids, mask, pv, sizes = fast_pol._batch(["x"], [[img]], robot=True)
+    assert pv.shape == (1, 1, 3, 512, 512) and sizes.tolist() == [[[1, 1]]]
+    assert pv[0].is_contiguous(memory_format=torch.channels_last)

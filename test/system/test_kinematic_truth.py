@@ -123,6 +123,7 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
     joint positions; the FK equals MuJoCo's body pose, checked by the test above).
     """
     from builtin_interfaces.msg import Duration
+    from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import TwistStamped
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import JointState
@@ -156,7 +157,18 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
             states.append((m.header.stamp.sec + m.header.stamp.nanosec * 1e-9,
                            np.array([m.position[idx[j]] for j in rb.arm_joints])))
 
+    servo_ready = False
+
+    def on_diag(m):
+        nonlocal servo_ready
+        for st in m.status:
+            vals = {kv.key: kv.value for kv in st.values}
+            stamp = m.header.stamp.sec + m.header.stamp.nanosec * 1e-9
+            if st.name == "magma_ros: servo" and vals.get("joint_states") == "yes" and stamp > 0:
+                servo_ready = True
+
     node = rclpy_node
+    node.create_subscription(DiagnosticArray, "diagnostics", on_diag, 50)
     node.create_subscription(JointState, rb.joint_states_topic, on_js, 100)
     node.create_subscription(TwistStamped, "magma/ee_twist",
                              lambda m: twists.append(m.header.stamp.sec + m.header.stamp.nanosec * 1e-9), 10)
@@ -187,6 +199,9 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
         return len(recent) > 5 and np.ptp(np.array(recent), axis=0).max() < 1e-5
 
     assert node.spin_until(still, 30.0), "the arm does not come to rest"
+    # the servo acts only once it has the sim clock and joint states (before that a twist stamped in
+    # sim time is "from the future" and rightly dropped): wait for its diagnostics to say so
+    assert node.spin_until(lambda: servo_ready, 60.0), f"servo never ready\n{nodes.dump()}"
     instr_pub.publish(String(data="trace the square"))
     done = node.spin_until(lambda: len(twists) >= len(NODE_SCRIPT) and states[-1][0] > twists[-1] + PACE,
                            120.0)
