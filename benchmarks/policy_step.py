@@ -270,9 +270,12 @@ still to be produced, with:
 (each configuration appends/replaces its own row below and names the card in the machine column;
 with a short per-command time limit run `--quant none`, `int8`, `int4` as separate commands).
 
-CPU tiny target (fast ≥ 3× plain) **not reached**: about half of a tiny step is preprocessing and the
-512×512 vision tower, which both paths share (details in docs/performance.md). The generation call
-alone ("generate call" column) and the decode steps are where the fast path wins.
+CPU tiny target (fast ≥ 3× plain) **not reached**, and not reachable without changing results: in a
+fast tiny step the 256×256 PIL resize (reference semantics, ~3.5 ms) and the 512×512 vision tower
+(~15 ms, already NHWC without layout copies) alone take more than a third of the plain step, so even
+a zero-cost language model would stay near 2.5–3× (breakdown in docs/performance.md). The fast
+step uses its own preprocessing (same pixel values, tested ≤ 1e-5), prompt ids made once per
+instruction, the NHWC vision tower and a leaner LM step; the plain step is unchanged.
 """
 
 
