@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 
 import numpy as np
 import pytest
+from _geometry import exp_so3, rot
 
 from magma_ros.core.errors import ConfigError
 from magma_ros.core.policy_loop import (
@@ -19,22 +19,6 @@ from magma_ros.core.policy_loop import (
     TomWorker,
     to_policy_action,
 )
-
-
-def rot(axis: str, a: float) -> np.ndarray:
-    c, s = math.cos(a), math.sin(a)
-    return {"x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
-            "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
-            "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[axis]
-
-
-def exp_so3(rv) -> np.ndarray:
-    th = np.linalg.norm(rv)
-    if th < 1e-12:
-        return np.eye(3)
-    k = np.asarray(rv) / th
-    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(th) * K + (1 - math.cos(th)) * K @ K
 
 
 def img(v: int = 0) -> np.ndarray:

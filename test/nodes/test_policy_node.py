@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from _geometry import exp_so3, rot
 
 T = 0.2
 SCRIPT = [[0.01, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
@@ -27,22 +28,6 @@ def stamp_of(t: float):
 
     sec = int(math.floor(t))
     return Time(sec=sec, nanosec=int(round((t - sec) * 1e9)) % 1_000_000_000)
-
-
-def rot(axis: str, a: float) -> np.ndarray:
-    c, s = math.cos(a), math.sin(a)
-    return {"x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
-            "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
-            "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[axis]
-
-
-def exp_so3(rv) -> np.ndarray:
-    th = float(np.linalg.norm(rv))
-    if th < 1e-12:
-        return np.eye(3)
-    k = np.asarray(rv) / th
-    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(th) * K + (1 - math.cos(th)) * K @ K
 
 
 class Probe:
