@@ -314,7 +314,7 @@ def convnext_forward_nhwc(trunk: nn.Module, x: Tensor) -> Tensor:
             y = b.conv_dw(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # NHWC view of an NHWC conv
             y = _ln(y, b.norm)
             y = F.linear(y, b.mlp.fc1.weight, b.mlp.fc1.bias)
-            y = F.gelu(y)
+            y = torch.ops.aten.gelu_(y)  # exact (erf) GELU, in place: the same kernel as F.gelu
             y = F.linear(y, b.mlp.fc2.weight, b.mlp.fc2.bias)
             if b.gamma is not None:
                 y = y.mul_(b.gamma)

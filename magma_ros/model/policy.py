@@ -167,10 +167,9 @@ class MagmaPolicy:
                 from magma_ros.model.fast import FastGenerator
 
                 opts = dict(fast_options or {})
-                if compile is not None:
-                    opts["compile"] = compile
-                if quant is not None:
-                    opts["quant"] = quant
+                for k, v in (("compile", compile), ("quant", quant)):
+                    if v is not None:  # "" / "none" (e.g. from a ROS parameter) mean off
+                        opts[k] = None if str(v).lower() in ("", "none") else v
                 self._fast = FastGenerator(self.model, max_batch=self.max_batch, **opts)
                 self.engine_name = "fast"
             except Exception as e:

@@ -451,3 +451,6 @@ def test_policy_passes_fast_options_and_uses_fast_preprocessing(model, ckpt):
     ids, mask, pv, sizes = fast_pol._batch(["x"], [[img]], robot=True)
     assert pv.shape == (1, 1, 3, 512, 512) and sizes.tolist() == [[[1, 1]]]
     assert pv[0].is_contiguous(memory_format=torch.channels_last)
+    # "none" / "" (ROS parameters) mean off; a real option reaches the generator
+    off = MagmaPolicy(model, tokenizer=tok, compile="none", quant="")
+    assert off.engine_name == "fast" and off._fast.compile is None and off._fast.quant_backend is None
