@@ -29,42 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from magma_ros.core.errors import ConfigError, choose
+from magma_ros.core.kinematics import pose_error, rotvec_to_matrix
 from magma_ros.core.robot import RobotConfig
 
 
-# --------------------------------------------------------------------------- rotation helpers
-def _skew(v: np.ndarray) -> np.ndarray:
-    return np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
-
-
-def rotvec_to_matrix(rv) -> np.ndarray:
-    """Exp map: rotation vector [rad] -> 3x3 rotation matrix (Rodrigues)."""
-    rv = np.asarray(rv, dtype=float)
-    th = float(np.linalg.norm(rv))
-    if th < 1e-12:
-        return np.eye(3) + _skew(rv)
-    k = _skew(rv / th)
-    return np.eye(3) + math.sin(th) * k + (1.0 - math.cos(th)) * (k @ k)
-
-
-def matrix_to_rotvec(r) -> np.ndarray:
-    """Log map: 3x3 rotation matrix -> rotation vector [rad], angle in [0, pi]."""
-    r = np.asarray(r, dtype=float)
-    c = float(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))
-    th = math.acos(c)
-    w = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
-    if th < 1e-6:
-        return 0.5 * w
-    if math.pi - th < 1e-4:  # near pi: axis from the symmetric part
-        b = (r + np.eye(3)) / 2.0
-        i = int(np.argmax(np.diag(b)))
-        axis = b[:, i] / math.sqrt(max(b[i, i], 1e-12))
-        if np.dot(axis, w) < 0:
-            axis = -axis
-        return axis * th
-    return w * (th / (2.0 * math.sin(th)))
-
-
+# --------------------------------------------------------------------------- pose deltas
 def apply_delta(pose: np.ndarray, dpos, drotvec) -> np.ndarray:
     """Base-frame delta on a 4x4 pose: p + dpos, Exp(drotvec) @ R."""
     out = np.array(pose, dtype=float, copy=True)
@@ -75,7 +44,7 @@ def apply_delta(pose: np.ndarray, dpos, drotvec) -> np.ndarray:
 
 def pose_delta(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Base-frame delta that takes pose ``a`` to pose ``b``: (dpos [m], drotvec [rad])."""
-    return b[:3, 3] - a[:3, 3], matrix_to_rotvec(b[:3, :3] @ a[:3, :3].T)
+    return pose_error(b, a)
 
 
 # --------------------------------------------------------------------------- config and results

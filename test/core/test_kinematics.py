@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from _geometry import exp_so3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -388,6 +389,7 @@ def test_rotation_helpers_round_trip():
         rv = rng.normal(size=3)
         rv *= rng.uniform(0, np.pi - 1e-3) / np.linalg.norm(rv)
         R = rotvec_to_matrix(rv)
+        assert np.allclose(R, exp_so3(rv), atol=1e-12)  # independent Rodrigues
         assert np.allclose(R @ R.T, np.eye(3), atol=1e-12) and np.isclose(np.linalg.det(R), 1.0)
         assert np.allclose(matrix_to_rotvec(R), rv, atol=1e-9)
         q = matrix_to_quat(R)
