@@ -30,6 +30,7 @@ import numpy as np
 
 from magma_ros.core.errors import ConfigError, choose
 from magma_ros.core.robot import ROBOTS, RobotConfig, load_robot
+from magma_ros.nodes._common import to_seconds
 
 CONTROLLERS = ("jtc", "forward", "isaac")
 DEFAULT_INSTRUCTION = "pick up the red block"
@@ -179,7 +180,7 @@ class GraphProbe:
             for j, p in enumerate(m.points):
                 q = to_q(m.joint_names, p.positions)
                 q = np.full(self.robot.dof, np.nan) if q is None else q
-                t = p.time_from_start.sec + p.time_from_start.nanosec * 1e-9
+                t = to_seconds(p.time_from_start)
                 if j == 0:
                     self._command(q, t)
                 else:

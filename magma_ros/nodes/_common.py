@@ -51,6 +51,32 @@ def declare_config(node, cls, prefix: str = "", **defaults):
         raise ConfigError(f"{cls.__name__}: {e}") from None
 
 
+def to_seconds(t) -> float:
+    """builtin_interfaces Time or Duration -> seconds."""
+    return t.sec + t.nanosec * 1e-9
+
+
+def _sec_nanosec(seconds: float) -> tuple[int, int]:
+    ns = int(round(seconds * 1e9))
+    return ns // 1_000_000_000, ns % 1_000_000_000  # nanosec always in [0, 1e9)
+
+
+def to_time_msg(seconds: float):
+    """Seconds -> builtin_interfaces/Time."""
+    from builtin_interfaces.msg import Time
+
+    sec, nanosec = _sec_nanosec(seconds)
+    return Time(sec=sec, nanosec=nanosec)
+
+
+def to_duration_msg(seconds: float):
+    """Seconds -> builtin_interfaces/Duration."""
+    from builtin_interfaces.msg import Duration
+
+    sec, nanosec = _sec_nanosec(seconds)
+    return Duration(sec=sec, nanosec=nanosec)
+
+
 def _coerce(name: str, value, t):
     """Convert a parameter value to the dataclass field type ``t``; one-line ConfigError if impossible."""
     origin = typing.get_origin(t)

@@ -14,6 +14,7 @@ import numpy as np
 
 from magma_ros.core.errors import ConfigError, choose
 from magma_ros.core.policy_loop import Frame, PolicyAction, PolicyLoop, ScriptedPolicy, TomResult, TomWorker
+from magma_ros.nodes._common import to_seconds, to_time_msg
 
 POLICIES = ("local", "remote", "scripted")
 IMAGE_TOPIC = "camera/camera/color/image_raw"
@@ -226,7 +227,7 @@ def make_node():
                     self.get_logger().error(f"image ignored: {e}")
                 return
             st = msg.header.stamp
-            f = Frame(rgb, st.sec + st.nanosec * 1e-9, self.now(), msg.header.frame_id)
+            f = Frame(rgb, to_seconds(st), self.now(), msg.header.frame_id)
             self.loop.offer(f)
             if self.tom is not None:
                 self.tom.offer(f)
@@ -236,16 +237,10 @@ def make_node():
             self.get_logger().info(f"instruction: '{self.loop.instruction}'")
 
         # ---------------------------------------------------------- outputs (worker threads)
-        def _stamp(self, t: float):
-            from builtin_interfaces.msg import Time
-
-            sec = int(math.floor(t))
-            return Time(sec=sec, nanosec=min(999_999_999, int(round((t - sec) * 1e9))))
-
         def publish_action(self, a: PolicyAction) -> None:
             TwistStamped, Float64 = self._msgs[4], self._msgs[5]
             m = TwistStamped()
-            m.header.stamp = self._stamp(a.stamp)
+            m.header.stamp = to_time_msg(a.stamp)
             m.header.frame_id = self.base_link
             m.twist.linear.x, m.twist.linear.y, m.twist.linear.z = (float(v) for v in a.linear)
             m.twist.angular.x, m.twist.angular.y, m.twist.angular.z = (float(v) for v in a.angular)
@@ -270,7 +265,7 @@ def make_node():
             arr = MarkerArray()
             for i, tr in enumerate(r.traces):
                 mk = Marker()
-                mk.header.stamp = self._stamp(r.stamp)
+                mk.header.stamp = to_time_msg(r.stamp)
                 mk.header.frame_id = "image"  # pixel coordinates: x right, y down, origin top-left
                 mk.ns, mk.id, mk.type, mk.action = "magma_tom", i, Marker.LINE_STRIP, Marker.ADD
                 mk.scale.x = 2.0
@@ -286,7 +281,7 @@ def make_node():
                 self.get_logger().warning(f"ToM overlay failed: {e}")
                 return
             im = Image()
-            im.header.stamp = self._stamp(r.stamp)
+            im.header.stamp = to_time_msg(r.stamp)
             im.header.frame_id = "image"
             im.height, im.width = int(over.shape[0]), int(over.shape[1])
             im.encoding, im.step = "rgb8", int(over.shape[1]) * 3

@@ -14,7 +14,6 @@ See docs/safety.md.
 
 from __future__ import annotations
 
-from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
@@ -27,20 +26,11 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from magma_ros.core.errors import ConfigError
 from magma_ros.core.robot import load_robot
 from magma_ros.core.safety import SafetyConfig, SafetyFilter
-from magma_ros.nodes._common import declare_config, run_node
+from magma_ros.nodes._common import declare_config, run_node, to_duration_msg, to_seconds
 
 LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
 COMMANDS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
-
-
-def _duration(seconds: float) -> Duration:
-    ns = int(round(seconds * 1e9))
-    return Duration(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
-
-
-def _seconds(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
 
 
 class SafetyNode(Node):
@@ -55,7 +45,7 @@ class SafetyNode(Node):
         self.filter = SafetyFilter(self.robot, self.cfg)
         r, dt = self.robot, self.filter.dt
         self.dt = dt
-        self._period = _duration(dt)
+        self._period = to_duration_msg(dt)
         group = MutuallyExclusiveCallbackGroup()  # the core is not thread-safe: one callback at a time
 
         # outputs
@@ -120,9 +110,9 @@ class SafetyNode(Node):
         t = self._now()
         try:
             positions = [list(p.positions) for p in msg.points]
-            times = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points]
+            times = [to_seconds(p.time_from_start) for p in msg.points]
             verdict = self.filter.on_command(source, msg.joint_names, positions, times,
-                                             _seconds(msg.header.stamp), t)
+                                             to_seconds(msg.header.stamp), t)
         except Exception as e:  # noqa: BLE001 - a command must never take the safety path down
             self.filter.last_rejection = f"malformed command ({type(e).__name__}: {e})"
             self._note_rejection(f"{source} command rejected: {self.filter.last_rejection}")
@@ -182,7 +172,7 @@ class SafetyNode(Node):
                 pts += list(self.filter.braking_tail(max_points=1000))
             for i, q in enumerate(pts):
                 msg.points.append(JointTrajectoryPoint(positions=[float(x) for x in q],
-                                                       time_from_start=_duration((i + 1) * self.dt)))
+                                                       time_from_start=to_duration_msg((i + 1) * self.dt)))
         elif self.controller == "forward":
             msg = Float64MultiArray(data=[float(x) for x in out.positions])
         else:

@@ -6,16 +6,10 @@ docs/nodes.md). Run: ``python -m magma_ros.nodes.servo --ros-args -p robot:=fr3`
 
 from __future__ import annotations
 
-import math
-
 from magma_ros.core.errors import ConfigError
 from magma_ros.core.robot import load_robot
 from magma_ros.core.servo import JointCommand, Servo, ServoConfig
-from magma_ros.nodes._common import declare_config, run_node
-
-
-def _stamp_s(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
+from magma_ros.nodes._common import declare_config, run_node, to_duration_msg, to_seconds
 
 
 def make_node():
@@ -72,7 +66,7 @@ def make_node():
                            "(no TF here): dropped", warn=True)
                 return
             tw = msg.twist
-            res = self.servo.on_twist(_stamp_s(msg.header.stamp), (tw.linear.x, tw.linear.y, tw.linear.z),
+            res = self.servo.on_twist(to_seconds(msg.header.stamp), (tw.linear.x, tw.linear.y, tw.linear.z),
                                       (tw.angular.x, tw.angular.y, tw.angular.z), self.now())
             self._handle(res)
             sp = self.servo.last_spacing
@@ -119,8 +113,7 @@ def make_node():
             for t, row in zip(cmd.times, cmd.positions):
                 p = self._Point()
                 p.positions = [float(x) for x in row]
-                sec = int(math.floor(t))
-                p.time_from_start = self._Duration(sec=sec, nanosec=int(round((t - sec) * 1e9)))
+                p.time_from_start = to_duration_msg(t)
                 m.points.append(p)
             return m
 

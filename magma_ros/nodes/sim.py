@@ -31,7 +31,7 @@ import numpy as np
 
 from magma_ros.core.errors import ConfigError, choose
 from magma_ros.core.robot import load_robot
-from magma_ros.nodes._common import declare_config, run_node
+from magma_ros.nodes._common import declare_config, run_node, to_time_msg
 from magma_ros.nodes.camera import CameraPublisher, transform_msg
 
 CONTROLLERS = ("jtc", "forward", "isaac")
@@ -87,7 +87,6 @@ class _Throttle:
 def _make_node():
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
     from rclpy.node import Node
-    from rclpy.time import Time
     from rosgraph_msgs.msg import Clock
     from sensor_msgs.msg import JointState
     from std_msgs.msg import Float64MultiArray
@@ -143,7 +142,6 @@ def _make_node():
             self.create_service(Trigger, "reset", self._on_reset)
             self._JointState, self._Clock = JointState, Clock
             self._diag_types = (DiagnosticArray, DiagnosticStatus, KeyValue)
-            self._Time = Time
 
             self._stop = threading.Event()
             # rendering runs in its own thread on a snapshot, so physics keeps stepping meanwhile
@@ -245,9 +243,6 @@ def _make_node():
             return response
 
         # -- physics thread -------------------------------------------------------------------
-        def _stamp(self, t: float):
-            return self._Time(nanoseconds=int(round(t * 1e9))).to_msg()
-
         def _run(self) -> None:
             try:
                 self._loop()
@@ -264,7 +259,7 @@ def _make_node():
                     try:
                         color, depth = self.sim.render_rgbd(self._snap)
                         info = self.sim.camera_info()
-                        self.cam_pub.publish(color, depth, info.K, np.zeros(5), self._stamp(self._snap_t),
+                        self.cam_pub.publish(color, depth, info.K, np.zeros(5), to_time_msg(self._snap_t),
                                              info.frame_id)
                         self.frames += 1
                     finally:
@@ -320,7 +315,7 @@ def _make_node():
                         self._stop.wait(min(ahead, 0.01))
 
         def _publish(self, what: str, t: float) -> None:
-            stamp = self._stamp(t)
+            stamp = to_time_msg(t)
             if what == "clock":
                 self.pub_clock.publish(self._Clock(clock=stamp))
             elif what == "js":
@@ -357,7 +352,7 @@ def _make_node():
             target = self.cfg.real_time_factor
             level = 0 if (target == 0 or rtf >= 0.8 * target) else 1
             arr = DiagnosticArray()
-            arr.header.stamp = self._stamp(self.now())
+            arr.header.stamp = to_time_msg(self.now())
             arr.status = [DiagnosticStatus(
                 level=bytes([level]), name="sim", hardware_id=f"mujoco/{self.robot.name}",
                 message=f"real-time factor {rtf:.2f}",

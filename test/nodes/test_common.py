@@ -55,3 +55,12 @@ def test_wrong_types_are_one_line_config_errors(ctx, key, value):
     with pytest.raises(ConfigError, match=key):
         declare_config(node, _Cfg)
     node.destroy_node()
+
+
+@pytest.mark.parametrize("t", [0.0, 1.5, 2.9999999999, 1795620987.1164391, 0.2, -0.25])
+def test_time_and_duration_messages_round_trip_with_nanosec_in_range(t):
+    from magma_ros.nodes._common import to_duration_msg, to_seconds, to_time_msg
+
+    for msg in (to_duration_msg(t), to_time_msg(t) if t >= 0 else to_duration_msg(t)):
+        assert 0 <= msg.nanosec < 1_000_000_000  # 2.9999999999 s must not give nanosec == 1e9
+        assert abs(to_seconds(msg) - t) < 1e-6
