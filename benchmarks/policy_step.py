@@ -177,18 +177,19 @@ class Step:
         if self._ids_key != key:
             ids = [prompts.encode(self.tok, prompts.robot_prompt(self.tok, INSTRUCTION, self.mm)) for _ in frames]
             self._ids, self._ids_key = self._pad(ids), key
-        samples = [preprocess_robot_fast(f, device=self.device) for f in frames]
+        samples = [preprocess_robot_fast(f, device=self.device, defer_upsample=True) for f in frames]
         pv = samples[0]["pixel_values"] if len(samples) == 1 else torch.cat([s["pixel_values"] for s in samples])
         sizes = torch.cat([s["image_sizes"] for s in samples]).to(self.device)
-        return (*self._ids, pv, sizes)
+        return (*self._ids, pv, sizes, samples[0]["upsample"])
 
     def __call__(self, frames, engine: str, allowed=None, clock=time.perf_counter):
         """→ (tokens (B, n), actions, seconds spent in the generation call: vision + prefill + decode)."""
-        ids, mask, pv, sizes = self.inputs_fast(frames) if engine == "fast" else self.inputs(frames)
+        ids, mask, pv, sizes, up = self.inputs_fast(frames) if engine == "fast" else (*self.inputs(frames), 1)
         _sync(self.device)
         t0 = clock()
         if engine == "fast":
-            out = self.fast.generate(ids, mask, pv, sizes, max_new_tokens=7, allowed_token_ids=allowed)
+            out = self.fast.generate(ids, mask, pv, sizes, max_new_tokens=7, allowed_token_ids=allowed,
+                                     pixel_upsample=up)
         else:
             out = self.model.generate_plain(ids, mask, pv, sizes, max_new_tokens=7)
         out = out.cpu().numpy()

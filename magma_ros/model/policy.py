@@ -217,6 +217,7 @@ class MagmaPolicy:
         import torch
 
         from magma_ros.model.processor import collate, preprocess, preprocess_robot, preprocess_robot_fast
+        # -> input_ids (B, T), mask (B, T), pixel values, image_sizes (B, n_images, 2), upsample
 
         ids = [self._encode(t) for t in texts]
         n = max(len(r) for r in ids)
@@ -226,18 +227,21 @@ class MagmaPolicy:
             input_ids[i, n - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, n - len(r):] = 1
         if robot and self._fast is not None:
-            # fast engine: the same values (tested), fewer copies, made on the model's device
-            samples = [preprocess_robot_fast(imgs[0], device=self.model.device) for imgs in images_per_row]
+            # fast engine: the same values (tested), fewer copies, made on the model's device; the
+            # exact 2x resize to the 512x512 crop is left to the engine's vision stem (upsample = 2)
+            samples = [preprocess_robot_fast(imgs[0], device=self.model.device, defer_upsample=True)
+                       for imgs in images_per_row]
             pv = torch.cat([s["pixel_values"] for s in samples], 0) if len(samples) > 1 \
-                else samples[0]["pixel_values"]  # (B, 1, 3, 512, 512): robot frames are one crop
+                else samples[0]["pixel_values"]  # (B, 1, 3, 256, 256): robot frames are one crop
             sizes = torch.cat([s["image_sizes"] for s in samples], 0)
+            upsample = samples[0]["upsample"]
         else:
             samples = [preprocess_robot(imgs[0]) if robot else preprocess(list(imgs)) for imgs in images_per_row]
             batch = collate(samples)
-            pv, sizes = batch["pixel_values"], batch["image_sizes"]
-        pv = pv.to(self.model.device, self.model.dtype)  # (B, crops, 3, 512, 512)
+            pv, sizes, upsample = batch["pixel_values"], batch["image_sizes"], 1
+        pv = pv.to(self.model.device, self.model.dtype)  # (B, crops, 3, 512, 512) (/ upsample)
         sizes = sizes.to(self.model.device)  # (B, n_images, 2)
-        return input_ids.to(self.model.device), mask.to(self.model.device), pv, sizes
+        return input_ids.to(self.model.device), mask.to(self.model.device), pv, sizes, upsample
 
     def _encode(self, text: str) -> list[int]:
         """Token ids of a prompt, cached (the same instruction repeats every step)."""
@@ -251,12 +255,12 @@ class MagmaPolicy:
             self._ids_cache.move_to_end(text)
         return ids
 
-    def _generate(self, input_ids, mask, pv, sizes, max_new_tokens: int, allowed=None):
-        """New token ids (B, n) as a numpy int64 array."""
+    def _generate(self, input_ids, mask, pv, sizes, upsample: int = 1, max_new_tokens: int = 7, allowed=None):
+        """New token ids (B, n) as a numpy int64 array (``upsample``: see `preprocess_fast`)."""
         if self._fast is not None:
             try:
                 out = self._fast.generate(input_ids, mask, pv, sizes, max_new_tokens=max_new_tokens,
-                                          allowed_token_ids=allowed)
+                                          allowed_token_ids=allowed, pixel_upsample=upsample)
                 return out.cpu().numpy()
             except ValueError:
                 raise
@@ -271,6 +275,9 @@ class MagmaPolicy:
             from transformers import LogitsProcessorList
 
             kw["logits_processor"] = LogitsProcessorList([_AllowedTokens(allowed)])
+        from magma_ros.model.processor import upsample_pixels
+
+        pv = upsample_pixels(pv, upsample)
         out = self.model.generate_plain(input_ids, mask, pv, sizes, max_new_tokens=max_new_tokens, **kw)
         return out.cpu().numpy()
 

@@ -156,7 +156,7 @@ def _stats(cfg: ProcessorConfig, device, dtype=torch.float32):
 
 
 def preprocess_fast(image, cfg: ProcessorConfig = DEFAULT, bgr: bool = False, device=None,
-                    channels_last: bool = True) -> dict[str, torch.Tensor]:
+                    channels_last: bool = True, defer_upsample: bool = False) -> dict[str, torch.Tensor]:
     """`preprocess` for one image, for the fast engine: the same ops with fewer copies, on ``device``.
 
     uint8 HWC → torch without a float copy on the host (the frame moves to ``device`` as uint8);
@@ -164,8 +164,13 @@ def preprocess_fast(image, cfg: ProcessorConfig = DEFAULT, bgr: bool = False, de
     crop grid; the crops are a view (1x1 grid: no copy) / one permute copy. With ``channels_last``
     the interpolation runs on an NHWC tensor and the crops come out NHWC (what the vision tower's
     convolutions prefer); values equal `preprocess` within float rounding (tested ≤ 1e-5).
-    Returns ``pixel_values`` (1, n_crops, 3, S, S) float32 (already batched, as `collate` of one)
-    and ``image_sizes`` (1, 1, 2) long (on the host).
+    Returns ``pixel_values`` (1, n_crops, 3, S, S) float32 (already batched, as `collate` of one),
+    ``image_sizes`` (1, 1, 2) long (on the host) and ``upsample`` = 1.
+
+    ``defer_upsample``: when the resize is an exact 2x (a 1x1 grid of an image of exactly half the
+    crop size: every robot frame, 256 -> 512), stop before it: ``pixel_values`` is the normalized
+    (1, 1, 3, S/2, S/2) image and ``upsample`` = 2. `FastGenerator` folds that resize into the
+    vision tower's stem convolution (`upsample_pixels` performs it for any other consumer).
     """
     a = _to_rgb_array(image, bgr=bgr)
     s = cfg.base_img_size
@@ -175,21 +180,36 @@ def preprocess_fast(image, cfg: ProcessorConfig = DEFAULT, bgr: bool = False, de
     mf = torch.channels_last if channels_last else torch.contiguous_format
     t = t.permute(2, 0, 1)[None].to(torch.float32, memory_format=mf)  # (1, 3, H, W)
     t = t.div_(255).sub_(mean).div_(std)  # ToTensor + Normalize, same ops
+    if defer_upsample and rows * cols == 1 and 2 * a.shape[0] == s and 2 * a.shape[1] == s:
+        return {"pixel_values": t[None], "image_sizes": torch.tensor([[[1, 1]]], dtype=torch.long), "upsample": 2}
     t = torch.nn.functional.interpolate(t, size=(rows * s, cols * s), mode="bilinear")
     if rows * cols == 1:
         pv = t[None]  # (1, 1, 3, S, S) view
     else:
         pv = (t.view(3, rows, s, cols, s).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, S, S)
               .reshape(rows * cols, 3, s, s).contiguous(memory_format=mf))[None]
-    return {"pixel_values": pv, "image_sizes": torch.tensor([[[rows, cols]]], dtype=torch.long)}
+    return {"pixel_values": pv, "image_sizes": torch.tensor([[[rows, cols]]], dtype=torch.long), "upsample": 1}
 
 
 def preprocess_robot_fast(image, cfg: ProcessorConfig = DEFAULT, bgr: bool = False, device=None,
-                          channels_last: bool = True) -> dict[str, torch.Tensor]:
+                          channels_last: bool = True, defer_upsample: bool = False) -> dict[str, torch.Tensor]:
     """`preprocess_robot` through `preprocess_fast` (the 256x256 PIL BICUBIC resize is kept: it is
-    part of the reference semantics)."""
+    part of the reference semantics). ``defer_upsample``: see `preprocess_fast` (a robot frame is
+    always the 2x case)."""
     return preprocess_fast(resize_robot(image, cfg.robot_size, bgr=bgr), cfg, device=device,
-                           channels_last=channels_last)
+                           channels_last=channels_last, defer_upsample=defer_upsample)
+
+
+def upsample_pixels(pixel_values: torch.Tensor, factor: int) -> torch.Tensor:
+    """Finish a deferred resize (`preprocess_fast` with ``defer_upsample``): (B, 1, 3, h, w) ->
+    (B, 1, 3, factor*h, factor*w) with the official processor's bilinear ``F.interpolate``."""
+    if factor == 1:
+        return pixel_values
+    if pixel_values.dim() != 5 or pixel_values.shape[1] != 1:
+        raise ValueError(f"a deferred resize needs (B, 1, 3, h, w) pixel values, got {tuple(pixel_values.shape)}")
+    h, w = pixel_values.shape[-2:]
+    up = torch.nn.functional.interpolate(pixel_values[:, 0], size=(factor * h, factor * w), mode="bilinear")
+    return up[:, None]
 
 
 def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -410,6 +410,67 @@ def test_nhwc_vision_tower_matches_the_module(model):
     assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
+def test_deferred_resize_is_the_official_resize():
+    """preprocess_fast(defer_upsample) + upsample_pixels == the official processor; only the exact
+    2x case (1x1 grid, half the crop size) is deferred."""
+    from magma_ros.model.processor import preprocess, preprocess_fast, preprocess_robot, upsample_pixels
+
+    for a in _fixture_and_random_images():
+        got = preprocess_fast(a, defer_upsample=True)
+        ref = preprocess(a)["pixel_values"]
+        exact2x = a.shape[:2] == (256, 256)
+        assert got["upsample"] == (2 if exact2x else 1), a.shape
+        assert got["pixel_values"].shape[-1] == (256 if exact2x else ref.shape[-1])
+        pv = upsample_pixels(got["pixel_values"], got["upsample"])
+        assert (pv[0] - ref).abs().max().item() <= 1e-5, a.shape
+    robot = preprocess_robot(_fixture_and_random_images()[-1])["pixel_values"]
+    assert robot.shape == (1, 3, 512, 512)
+    with pytest.raises(ValueError, match="deferred resize"):
+        upsample_pixels(torch.zeros(1, 2, 3, 8, 8), 2)
+
+
+def test_resize_folded_into_the_stem_matches_resize_then_stem(model):
+    """The 2x bilinear resize folded into the stem convolution (A^T W A, replicate padding) gives the
+    features of resize-then-tower, checked against the module on the official pixel values, and
+    against an independent loop-based resize for the folded weight itself."""
+    import torch.nn.functional as F
+
+    from magma_ros.model.fast import NHWCVisionTower, upsample2x_stem_weight
+    from magma_ros.model.processor import preprocess_fast, preprocess_robot, resize_robot
+
+    tower = NHWCVisionTower(model.vision_tower)
+    for a in _fixture_and_random_images()[:4]:
+        half = preprocess_fast(resize_robot(a), defer_upsample=True)
+        assert half["upsample"] == 2
+        with torch.inference_mode():
+            ref = model.vision_tower(preprocess_robot(a)["pixel_values"]).permute(0, 2, 3, 1)
+            got = tower(half["pixel_values"][:, 0], 2)
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    # the folded stem on its own, against a hand-written bilinear 2x (align_corners=False, clamped)
+    conv = model.vision_tower.clip_vision_model.trunk.stem[0]
+    x = torch.randn(1, 3, 12, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def src(i, n):  # the two taps and weights of up-sampled index i over n source samples
+        c = max((i + 0.5) / 2 - 0.5, 0.0)
+        i0 = int(c)
+        return i0, min(i0 + 1, n - 1), c - i0
+
+    up = torch.zeros(1, 3, 24, 20, dtype=torch.float64)
+    for yy in range(24):
+        y0, y1, ly = src(yy, 12)
+        for xx in range(20):
+            x0, x1, lx = src(xx, 10)
+            up[..., yy, xx] = ((1 - ly) * ((1 - lx) * x[..., y0, x0] + lx * x[..., y0, x1])
+                               + ly * ((1 - lx) * x[..., y1, x0] + lx * x[..., y1, x1]))
+    w = conv.weight.detach().double()
+    want = F.conv2d(up, w, stride=conv.stride)
+    fold = upsample2x_stem_weight(conv).double()
+    got = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), fold, stride=conv.stride[0] // 2)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
 def test_fast_step_with_fast_preprocessing_gives_the_plain_tokens(model, fast):
     """The benchmark's / policy's fast step (fast preprocessing, NHWC tower, transposed head, fused
     q/k/v and gate/up) gives the tokens of the plain step (official processor + generate)."""
@@ -421,9 +482,11 @@ def test_fast_step_with_fast_preprocessing_gives_the_plain_tokens(model, fast):
     for a in _fixture_and_random_images()[:5]:
         ref_in = collate([preprocess_robot(a)])
         ref = model.generate_plain(ids, mask, ref_in["pixel_values"], ref_in["image_sizes"], max_new_tokens=7)
-        f = preprocess_robot_fast(a)
-        out = fast.generate(ids, mask, f["pixel_values"], f["image_sizes"], max_new_tokens=7)
-        assert torch.equal(out, ref), (out, ref)
+        for defer in (False, True):  # the 512x512 crop, or the 256x256 frame with the resize in the stem
+            f = preprocess_robot_fast(a, defer_upsample=defer)
+            out = fast.generate(ids, mask, f["pixel_values"], f["image_sizes"], max_new_tokens=7,
+                                pixel_upsample=f["upsample"])
+            assert torch.equal(out, ref), (defer, out, ref)
 
 
 def test_cpu_only_fast_paths_can_be_turned_off(model):
@@ -435,6 +498,18 @@ def test_cpu_only_fast_paths_can_be_turned_off(model):
     off = FastGenerator(model, max_seq_len=512, lm_head_t=False, fuse=False, nhwc_vision=False)
     assert off.engine.lm_head_t is None and off.engine.layers[0].qkv is None and not off._vision_nhwc
     assert torch.equal(off.generate(ids, mask, pv, sizes, max_new_tokens=7), ref)
+    # a deferred 2x resize still works where the stem cannot take it (module tower, model's merge)
+    from magma_ros.model.processor import collate, preprocess_robot, preprocess_robot_fast
+
+    frame = np.random.default_rng(11).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    full = collate([preprocess_robot(frame)])
+    ref = model.generate_plain(ids, mask, full["pixel_values"], full["image_sizes"], max_new_tokens=7)
+    half = preprocess_robot_fast(frame, defer_upsample=True)
+    no_merge = FastGenerator(model, max_seq_len=512, fast_merge=False)
+    for gen in (off, no_merge):
+        out = gen.generate(ids, mask, half["pixel_values"], half["image_sizes"], max_new_tokens=7,
+                           pixel_upsample=half["upsample"])
+        assert torch.equal(out, ref)
 
 
 def test_policy_passes_fast_options_and_uses_fast_preprocessing(model, ckpt):
@@ -448,8 +523,9 @@ def test_policy_passes_fast_options_and_uses_fast_preprocessing(model, ckpt):
     img = np.random.default_rng(5).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     obs = {"image": img, "instruction": "pick coke can"}
     assert fast_pol.infer(obs)["tokens"] == plain_pol.infer(obs)["tokens"]
-    ids, mask, pv, sizes = fast_pol._batch(["x"], [[img]], robot=True)
-    assert pv.shape == (1, 1, 3, 512, 512) and sizes.tolist() == [[[1, 1]]]
+    ids, mask, pv, sizes, upsample = fast_pol._batch(["x"], [[img]], robot=True)
+    # the frame stays 256x256: the exact 2x resize to the 512x512 crop happens in the vision stem
+    assert pv.shape == (1, 1, 3, 256, 256) and sizes.tolist() == [[[1, 1]]] and upsample == 2
     assert pv[0].is_contiguous(memory_format=torch.channels_last)
     # "none" / "" (ROS parameters) mean off; a real option reaches the generator
     off = MagmaPolicy(model, tokenizer=tok, compile="none", quant="")
