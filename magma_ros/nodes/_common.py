@@ -4,6 +4,7 @@
   and parses the values back into that dataclass (the one place parameters are parsed).
 - :func:`run_node` is the standard skeleton: ``rclpy.init`` context, a multithreaded executor,
   clean exit on Ctrl-C / external shutdown, and one-line errors for user mistakes.
+- :func:`diagnostic_array` builds the one-status ``diagnostics`` message every node publishes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from magma_ros.core.errors import ConfigError
 
@@ -75,6 +76,27 @@ def to_duration_msg(seconds: float):
 
     sec, nanosec = _sec_nanosec(seconds)
     return Duration(sec=sec, nanosec=nanosec)
+
+
+def diagnostic_array(stamp, name: str, level, message: str, values: Mapping[str, object] | None = None,
+                     hardware_id: str = ""):
+    """A diagnostic_msgs/DiagnosticArray holding one DiagnosticStatus.
+
+    ``stamp``: the header stamp, a builtin_interfaces/Time or seconds (float). ``level``: 0 OK,
+    1 WARN, 2 ERROR, 3 STALE, as an int or as the message's own one-byte constant
+    (``DiagnosticStatus.WARN``). ``values``: key -> value, in order, every value as ``str(value)``.
+    """
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+    if isinstance(level, (bytes, bytearray)):
+        level = level[0] if len(level) == 1 else -1
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 3:
+        raise ValueError(f"diagnostic level must be 0..3 (OK, WARN, ERROR, STALE), got {level!r}")
+    arr = DiagnosticArray()
+    arr.header.stamp = to_time_msg(stamp) if isinstance(stamp, (int, float)) else stamp
+    arr.status = [DiagnosticStatus(level=bytes([level]), name=name, message=message, hardware_id=hardware_id,
+                                   values=[KeyValue(key=str(k), value=str(v)) for k, v in (values or {}).items()])]
+    return arr
 
 
 def _coerce(name: str, value, t):

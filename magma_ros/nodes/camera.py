@@ -31,7 +31,7 @@ from magma_ros.core.realsense import (
     StreamConfig,
     load_camera_config,
 )
-from magma_ros.nodes._common import declare_config, run_node
+from magma_ros.nodes._common import declare_config, diagnostic_array, run_node
 
 COLOR_TOPIC = "camera/camera/color/image_raw"
 COLOR_INFO_TOPIC = "camera/camera/color/camera_info"
@@ -128,7 +128,7 @@ def make_device(cfg: CameraNodeConfig) -> CameraDevice:
 
 
 def _make_node(device: CameraDevice | None = None):
-    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+    from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.node import Node
 
     class CameraNode(Node):
@@ -170,13 +170,9 @@ def _make_node(device: CameraDevice | None = None):
             if self._status is None:
                 return
             level, state, message = self._status
-            arr = DiagnosticArray()
-            arr.header.stamp = self.get_clock().now().to_msg()
-            arr.status = [DiagnosticStatus(level=bytes([level]), name="camera", message=message,
-                                           hardware_id=self.cfg.serial or self.cfg.device,
-                                           values=[KeyValue(key="state", value=state),
-                                                   KeyValue(key="frames", value=str(self.frames))])]
-            self.diag.publish(arr)
+            self.diag.publish(diagnostic_array(self.get_clock().now().to_msg(), "camera", level, message,
+                                               {"state": state, "frames": self.frames},
+                                               hardware_id=self.cfg.serial or self.cfg.device))
 
         def _run(self) -> None:
             while not self._stop.is_set():

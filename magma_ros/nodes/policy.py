@@ -14,7 +14,7 @@ import numpy as np
 
 from magma_ros.core.errors import ConfigError, choose
 from magma_ros.core.policy_loop import Frame, PolicyAction, PolicyLoop, ScriptedPolicy, TomResult, TomWorker
-from magma_ros.nodes._common import to_seconds, to_time_msg
+from magma_ros.nodes._common import diagnostic_array, to_seconds, to_time_msg
 
 POLICIES = ("local", "remote", "scripted")
 IMAGE_TOPIC = "camera/camera/color/image_raw"
@@ -152,7 +152,7 @@ def make_tom_planner(policy, n_marks: int, max_tokens: int):
 
 def make_node():
     """Build the policy node (imports rclpy lazily)."""
-    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+    from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import Point, TwistStamped
     from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
     from rclpy.node import Node
@@ -205,8 +205,7 @@ def make_node():
             self._bad_encoding = ""
             self._last_report = ""
             self._stale = ""
-            self._msgs = (Marker, MarkerArray, Point, Image, TwistStamped, Float64,
-                          DiagnosticArray, DiagnosticStatus, KeyValue)
+            self._msgs = (Marker, MarkerArray, Point, Image, TwistStamped, Float64)
             self.loop.start()
             if self.tom is not None:
                 self.tom.start()
@@ -289,16 +288,14 @@ def make_node():
             self.tom_img_pub.publish(im)
 
         def publish_diagnostics(self) -> None:
-            DiagnosticArray, DiagnosticStatus, KeyValue = self._msgs[6:]
             s = self.loop.stats
             stale = self.loop.camera_stale(self.now())
-            st = DiagnosticStatus(name="magma_ros: policy", hardware_id=self.cfg.policy)
             if stale:
-                st.level, st.message = DiagnosticStatus.WARN, stale
+                level, message = 1, stale
             elif s.last_reason and s.last_reason != "ok":
-                st.level, st.message = DiagnosticStatus.WARN, s.last_reason
+                level, message = 1, s.last_reason
             else:
-                st.level, st.message = DiagnosticStatus.OK, "ok" if s.published else "waiting"
+                level, message = 0, "ok" if s.published else "waiting"
             vals = {"inference_rate_hz": f"{s.rate():.3f}", "last_latency_s": f"{s.last_latency:.3f}",
                     "step_period_s": f"{self.step_period:.3f}", "inferences": s.inferences,
                     "published": s.published, "invalid": s.invalid, "stale_frames": s.stale,
@@ -307,11 +304,8 @@ def make_node():
             if self.tom is not None:
                 vals.update({"tom_plans": self.tom.count, "tom_latency_s": f"{self.tom.last_latency:.3f}",
                              "tom_note": self._tom_note or "ok"})
-            st.values = [KeyValue(key=k, value=str(v)) for k, v in vals.items()]
-            arr = DiagnosticArray()
-            arr.header.stamp = self.get_clock().now().to_msg()
-            arr.status = [st]
-            self.diag_pub.publish(arr)
+            self.diag_pub.publish(diagnostic_array(self.get_clock().now().to_msg(), "magma_ros: policy", level,
+                                                   message, vals, hardware_id=self.cfg.policy))
             if bool(stale) != bool(self._stale):  # log transitions, not every period
                 if stale and self.loop.stats.inferences:
                     self.get_logger().warning(f"{stale}: publishing nothing")

@@ -14,7 +14,7 @@ See docs/safety.md.
 
 from __future__ import annotations
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -26,7 +26,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from magma_ros.core.errors import ConfigError
 from magma_ros.core.robot import load_robot
 from magma_ros.core.safety import SafetyConfig, SafetyFilter
-from magma_ros.nodes._common import declare_config, run_node, to_duration_msg, to_seconds
+from magma_ros.nodes._common import declare_config, diagnostic_array, run_node, to_duration_msg, to_seconds
 
 LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -250,14 +250,10 @@ class SafetyNode(Node):
         level, message = st.level, st.message
         if rejection:
             level, message = max(level, 1), rejection
-        diag = DiagnosticArray()
-        diag.header.stamp = self.get_clock().now().to_msg()
-        values = [KeyValue(key="state", value=st.state), KeyValue(key="source", value=st.source),
-                  KeyValue(key="rejected_messages", value=str(self._rejections)),
-                  KeyValue(key="last_rejection", value=self._last_rejection)]
-        diag.status.append(DiagnosticStatus(level=bytes([level]), name=f"{self.get_name()}: safety limits",
-                                            message=message, hardware_id=self.robot.name, values=values))
-        self.pub_diag.publish(diag)
+        values = {"state": st.state, "source": st.source, "rejected_messages": self._rejections,
+                  "last_rejection": self._last_rejection}
+        self.pub_diag.publish(diagnostic_array(self.get_clock().now().to_msg(), f"{self.get_name()}: safety limits",
+                                               level, message, values, hardware_id=self.robot.name))
 
 
 def main(args=None) -> int:

@@ -9,13 +9,13 @@ from __future__ import annotations
 from magma_ros.core.errors import ConfigError
 from magma_ros.core.robot import load_robot
 from magma_ros.core.servo import JointCommand, Servo, ServoConfig
-from magma_ros.nodes._common import declare_config, run_node, to_duration_msg, to_seconds
+from magma_ros.nodes._common import declare_config, diagnostic_array, run_node, to_duration_msg, to_seconds
 
 
 def make_node():
     """Build the servo node (imports rclpy lazily so the module imports without ROS)."""
     from builtin_interfaces.msg import Duration
-    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+    from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import TwistStamped
     from rclpy.node import Node
     from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -45,7 +45,6 @@ def make_node():
             self._last_reason = ""
             self._spacing_warned = False
             self._Duration, self._Point, self._Traj = Duration, JointTrajectoryPoint, JointTrajectory
-            self._diag = (DiagnosticArray, DiagnosticStatus, KeyValue)
             self.get_logger().info(
                 f"servo for {self.robot.name}: tcp {self.robot.tcp_link}, "
                 f"delta_mode {self.servo.delta_mode}, "
@@ -118,23 +117,17 @@ def make_node():
             return m
 
         def publish_diagnostics(self) -> None:
-            DiagnosticArray, DiagnosticStatus, KeyValue = self._diag
             s = self.servo.stats
-            st = DiagnosticStatus(name="magma_ros: servo", hardware_id=self.robot.name)
             flowing = self._last_reason in ("applied", "gripper", "")
-            st.level = DiagnosticStatus.OK if flowing else DiagnosticStatus.WARN
-            st.message = "ok" if flowing else self._last_reason
             vals = {"joint_states": "yes" if self.servo.has_state else "no",
                     "applied": s.applied, "held_late": s.held_late, "delta_mode": self.servo.delta_mode,
                     "step_period_s": self.cfg.step_period,
                     "last_twist_spacing_s": "" if self.servo.last_spacing is None else
                     f"{self.servo.last_spacing:.3f}"}
             vals.update({f"dropped_{k}": v for k, v in s.dropped.items()})
-            st.values = [KeyValue(key=k, value=str(v)) for k, v in vals.items()]
-            arr = DiagnosticArray()
-            arr.header.stamp = self.get_clock().now().to_msg()
-            arr.status = [st]
-            self.diag_pub.publish(arr)
+            self.diag_pub.publish(diagnostic_array(
+                self.get_clock().now().to_msg(), "magma_ros: servo", 0 if flowing else 1,
+                "ok" if flowing else self._last_reason, vals, hardware_id=self.robot.name))
 
     return ServoNode()
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from magma_ros.core.errors import ConfigError, choose
 from magma_ros.core.robot import load_robot
-from magma_ros.nodes._common import declare_config, run_node, to_time_msg
+from magma_ros.nodes._common import declare_config, diagnostic_array, run_node, to_time_msg
 from magma_ros.nodes.camera import CameraPublisher, transform_msg
 
 CONTROLLERS = ("jtc", "forward", "isaac")
@@ -85,7 +85,7 @@ class _Throttle:
 
 
 def _make_node():
-    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+    from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.node import Node
     from rosgraph_msgs.msg import Clock
     from sensor_msgs.msg import JointState
@@ -141,7 +141,6 @@ def _make_node():
             sub(JointTrajectory, f"{r.gripper_controller}/joint_trajectory", self._on_gripper, 10)
             self.create_service(Trigger, "reset", self._on_reset)
             self._JointState, self._Clock = JointState, Clock
-            self._diag_types = (DiagnosticArray, DiagnosticStatus, KeyValue)
 
             self._stop = threading.Event()
             # rendering runs in its own thread on a snapshot, so physics keeps stepping meanwhile
@@ -344,24 +343,18 @@ def _make_node():
                     self._tf.publish(stamp)
 
         def _report(self, sim_dt: float, wall_dt: float, steps: int) -> None:
-            DiagnosticArray, DiagnosticStatus, KeyValue = self._diag_types
             rtf = sim_dt / wall_dt if wall_dt > 0 else 0.0
             self.get_logger().info(f"sim: real-time factor {rtf:.2f} (sim {self.now():.1f} s, {steps} steps, "
                                    f"{self.frames} frames, {self.dropped_frames} dropped while rendering, "
                                    f"{self.rejected} rejected commands)")
             target = self.cfg.real_time_factor
             level = 0 if (target == 0 or rtf >= 0.8 * target) else 1
-            arr = DiagnosticArray()
-            arr.header.stamp = to_time_msg(self.now())
-            arr.status = [DiagnosticStatus(
-                level=bytes([level]), name="sim", hardware_id=f"mujoco/{self.robot.name}",
-                message=f"real-time factor {rtf:.2f}",
-                values=[KeyValue(key="real_time_factor", value=f"{rtf:.3f}"),
-                        KeyValue(key="sim_time", value=f"{self.now():.3f}"),
-                        KeyValue(key="frames", value=str(self.frames)),
-                        KeyValue(key="dropped_frames", value=str(self.dropped_frames)),
-                        KeyValue(key="rejected_commands", value=str(self.rejected))])]
-            self.pub_diag.publish(arr)
+            now = self.now()
+            self.pub_diag.publish(diagnostic_array(
+                now, "sim", level, f"real-time factor {rtf:.2f}",
+                {"real_time_factor": f"{rtf:.3f}", "sim_time": f"{now:.3f}", "frames": self.frames,
+                 "dropped_frames": self.dropped_frames, "rejected_commands": self.rejected},
+                hardware_id=f"mujoco/{self.robot.name}"))
 
         def close(self) -> None:
             self._stop.set()
