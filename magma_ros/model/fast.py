@@ -147,6 +147,7 @@ class Engine(nn.Module):
         kw = dict(dtype=self.dtype, device=self.device)
         self.register_buffer("k_cache", torch.zeros(shape, **kw), persistent=False)  # (Lyr, B, kvh, S, D)
         self.register_buffer("v_cache", torch.zeros(shape, **kw), persistent=False)
+        self.layer_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(self.n_layers)]  # views
         valid = torch.zeros(max_batch, max_seq_len, dtype=torch.bool, device=self.device)  # (B, S)
         self.register_buffer("valid", valid, persistent=False)
         pos = torch.arange(max_seq_len, device=self.device)
@@ -168,7 +169,10 @@ class Engine(nn.Module):
 
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     # x: (..., H) — normalized in float32 and cast back before the weight, as LlamaRMSNorm (one fused
-    # kernel instead of pow/mean/add/rsqrt/mul)
+    # kernel instead of pow/mean/add/rsqrt/mul; in float32 the casts are no-ops and the weight goes
+    # into the same kernel)
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
     return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
@@ -195,7 +199,9 @@ def layer_forward(e: Engine, i: int, x: Tensor, cos: Tensor, sin: Tensor, slots:
         k = apply_rope(linear(h, lw.k).view(B, T, nk, D), cos, sin)
         v = linear(h, lw.v).view(B, T, nk, D)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-    k_cache, v_cache = e.k_cache[i, :B], e.v_cache[i, :B]  # (B, kvh, S, D) views
+    k_cache, v_cache = e.layer_caches[i]  # (max_batch, kvh, S, D) views
+    if B != e.max_batch:
+        k_cache, v_cache = k_cache[:B], v_cache[:B]
     k_cache.index_copy_(2, slots, k)
     v_cache.index_copy_(2, slots, v)
     a = F.scaled_dot_product_attention(  # (B, nh, T, D)
@@ -217,9 +223,8 @@ def forward_tokens(e: Engine, x: Tensor, pos: Tensor, slots: Tensor, kv_len: int
     for i in range(e.n_layers):
         x = layer_forward(e, i, x, cos, sin, slots, kv_len, mask, B)
     h = rms_norm(x[:, -1], e.norm, e.eps)  # (B, H)
-    if e.lm_head_t is not None:
-        return torch.mm(h, e.lm_head_t).float()  # (B, V)
-    return linear(h, e.lm_head).float()  # (B, V)
+    logits = torch.mm(h, e.lm_head_t) if e.lm_head_t is not None else linear(h, e.lm_head)  # (B, V)
+    return logits if logits.dtype == torch.float32 else logits.float()
 
 
 def prefill(e: Engine, embeds: Tensor, pos: Tensor, start: int, mask: Tensor | None) -> Tensor:
