@@ -126,40 +126,22 @@ class _SubstitutionParser:
     def value(self) -> list:
         q = self.s[self.i]
         if q in "'\"":
-            return self.quoted(q)
-        parts: list = []
-        buf = []
-        while self.i < len(self.s):
-            c = self.s[self.i]
-            if self.s.startswith("$(", self.i):
-                if buf:
-                    parts.append("".join(buf))
-                    buf = []
-                parts.append(self.substitution())
-                continue
-            if c == "\\" and self.i + 1 < len(self.s):
-                buf.append(self.s[self.i + 1])
-                self.i += 2
-                continue
-            if c in " )":
-                break
-            if c in "('\"":
-                raise self.error(f"unexpected {c!r} in an unquoted argument (quote it)")
-            buf.append(c)
             self.i += 1
-        if buf:
-            parts.append("".join(buf))
-        return parts
+            return self.scan(q)
+        return self.scan(None)
 
-    def quoted(self, q: str) -> list:
-        self.i += 1
+    def scan(self, q: str | None) -> list:
+        """Text and substitutions up to the closing quote ``q`` (None: an unquoted argument, which ends
+        at ' ' or ')'). In quotes a backslash escapes only the quote, '$' and itself."""
         parts: list = []
         buf = []
         while True:
             if self.i >= len(self.s):
+                if q is None:
+                    break
                 raise self.error(f"unterminated {q}-quoted argument")
             c = self.s[self.i]
-            if c == q:
+            if q is not None and c == q:
                 self.i += 1
                 break
             if self.s.startswith("$(", self.i):
@@ -168,10 +150,14 @@ class _SubstitutionParser:
                     buf = []
                 parts.append(self.substitution())
                 continue
-            if c == "\\" and self.i + 1 < len(self.s) and self.s[self.i + 1] in (q, "$", "\\"):
+            if c == "\\" and self.i + 1 < len(self.s) and (q is None or self.s[self.i + 1] in (q, "$", "\\")):
                 buf.append(self.s[self.i + 1])
                 self.i += 2
                 continue
+            if q is None and c in " )":
+                break
+            if q is None and c in "('\"":
+                raise self.error(f"unexpected {c!r} in an unquoted argument (quote it)")
             buf.append(c)
             self.i += 1
         if buf:
