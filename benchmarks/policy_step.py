@@ -262,21 +262,25 @@ interleaved. Hz = 1 / p50 of one step; actions/s = batch / p50; clock = wall (pe
 process (this process's CPU time) and torch threads. Random-weight checkpoints (same
 shapes, same cost as trained ones). CPU figures on a shared, noisy 2-core machine.
 
-**No GPU machine was available to the session that wrote this section**, so the GPU rows (the
+**No GPU machine has been lent to this project's sessions so far**, so the GPU rows (the
 Magma-8B architecture with random weights; bf16, int8, 4-bit; peak GPU memory; batch 1/4/8) are
 still to be produced, with:
 
     {GPU_COMMAND}
 
 (each configuration appends/replaces its own row below and names the card in the machine column;
-with a short per-command time limit run `--quant none`, `int8`, `int4` as separate commands).
+with a 10-minute command limit run `--quant none`, `int8`, `int4` as separate commands — see
+docs/performance.md, "Running the GPU rows").
 
-CPU tiny target (fast ≥ 3× plain) **not reached**, and not reachable without changing results: in a
-fast tiny step the 256×256 PIL resize (reference semantics, ~3.5 ms) and the 512×512 vision tower
-(~15 ms, already NHWC without layout copies) alone take more than a third of the plain step, so even
-a zero-cost language model would stay near 2.5–3× (breakdown in docs/performance.md). The fast
-step uses its own preprocessing (same pixel values, tested ≤ 1e-5), prompt ids made once per
-instruction, the NHWC vision tower and a leaner LM step; the plain step is unchanged.
+CPU tiny target (fast ≥ 3× plain) **not reached**: 1.68× interleaved (≈ 2.0× when each path is timed
+in its own loop), 1.51× on mid. In a fast tiny step the 256×256 PIL resize (reference semantics,
+~4 ms) and the vision tower (~13–17 ms, already NHWC with the 2× resize folded into its stem) alone
+take more than a third of the plain step, and the width-16 language model is per-op overhead that
+compiling does not remove on this CPU (breakdown and the rejected attempts in docs/performance.md).
+The fast step uses its own preprocessing (the official values, tested), prompt ids made once per
+instruction, the resize folded into the stem, the NHWC vision tower and a leaner LM step; the plain
+step is unchanged. Shared machine: absolute times move by up to 1.7× between runs (load average
+6–7 during the latest rows); compare the speedups, each from one run.
 """
 
 

@@ -390,28 +390,23 @@ class NHWCVisionTower(nn.Module):
     """``MagmaVisionTower`` through :func:`convnext_forward_nhwc`: pixels → (N, h, w, C).
 
     ``forward(pixel_values, upsample=2)`` takes the processor's output before its exact 2x resize
-    (`preprocess_fast(..., defer_upsample=True)`) and folds the resize into the stem (the folded
-    weight is made once per stem weight / dtype / device).
+    (`preprocess_fast(..., defer_upsample=True)`) and folds the resize into the stem. The folded
+    weight is made here, once, outside any compiled region: build a new tower (a new
+    `FastGenerator`) after changing the weights, dtype or device.
     """
 
     def __init__(self, tower: nn.Module):
         super().__init__()
         self.tower = tower
-        self._stem_2x: tuple[tuple, Tensor] | None = None
-
-    def stem_2x(self) -> Tensor:
-        w = self.tower.clip_vision_model.trunk.stem[0].weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._stem_2x is None or self._stem_2x[0] != key:
-            self._stem_2x = (key, upsample2x_stem_weight(self.tower.clip_vision_model.trunk.stem[0]))
-        return self._stem_2x[1]
+        stem = tower.clip_vision_model.trunk.stem[0]
+        self.stem_2x = upsample2x_stem_weight(stem) if stem_upsample2x_supported(stem) else None
 
     def forward(self, pixel_values: Tensor, upsample: int = 1) -> Tensor:
         trunk = self.tower.clip_vision_model.trunk
         if upsample == 1:
             return convnext_forward_nhwc(trunk, pixel_values)
-        if upsample == 2 and stem_upsample2x_supported(trunk.stem[0]):
-            return convnext_forward_nhwc(trunk, pixel_values, self.stem_2x())
+        if upsample == 2 and self.stem_2x is not None:
+            return convnext_forward_nhwc(trunk, pixel_values, self.stem_2x)
         from magma_ros.model.processor import upsample_pixels
 
         return convnext_forward_nhwc(trunk, upsample_pixels(pixel_values[:, None], upsample)[:, 0])

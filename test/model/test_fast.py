@@ -530,3 +530,22 @@ def test_policy_passes_fast_options_and_uses_fast_preprocessing(model, ckpt):
     # "none" / "" (ROS parameters) mean off; a real option reaches the generator
     off = MagmaPolicy(model, tokenizer=tok, compile="none", quant="")
     assert off.engine_name == "fast" and off._fast.compile is None and off._fast.quant_backend is None
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_the_plain_tokens(model):
+    """compile="default" (Inductor): the decode step and the NHWC vision tower with the folded 2x
+    stem are compiled; tokens equal the plain path's, for the deferred-resize robot frame."""
+    from magma_ros.model.fast import FastGenerator
+    from magma_ros.model.processor import collate, preprocess_robot, preprocess_robot_fast
+
+    gen = FastGenerator(model, max_seq_len=512, compile="default")
+    ids, mask = batch([prompt(WORDS_B)])
+    for seed in (1, 2):
+        frame = np.random.default_rng(seed).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+        full = collate([preprocess_robot(frame)])
+        ref = model.generate_plain(ids, mask, full["pixel_values"], full["image_sizes"], max_new_tokens=7)
+        half = preprocess_robot_fast(frame, defer_upsample=True)
+        out = gen.generate(ids, mask, half["pixel_values"], half["image_sizes"], max_new_tokens=7,
+                           pixel_upsample=half["upsample"])
+        assert torch.equal(out, ref), (seed, out, ref)
