@@ -300,7 +300,9 @@ def make_node():
                     "step_period_s": f"{self.step_period:.3f}", "inferences": s.inferences,
                     "published": s.published, "invalid": s.invalid, "stale_frames": s.stale,
                     "dropped_frames": self.loop.mailbox.dropped, "errors": s.errors,
-                    "instruction": self.loop.instruction}
+                    "instruction": self.loop.instruction,
+                    # matched DDS endpoints (discovery can take seconds): does anyone hear the actions?
+                    "twist_subscribers": self.twist_pub.get_subscription_count()}
             if self.tom is not None:
                 vals.update({"tom_plans": self.tom.count, "tom_latency_s": f"{self.tom.last_latency:.3f}",
                              "tom_note": self._tom_note or "ok"})

@@ -71,8 +71,9 @@ class SafetyNode(Node):
         self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", 10)
 
         # inputs
-        self.create_subscription(JointTrajectory, "magma/joint_command",
-                                 lambda m: self._on_command("policy", m), COMMANDS, callback_group=group)
+        self.sub_policy = self.create_subscription(JointTrajectory, "magma/joint_command",
+                                                   lambda m: self._on_command("policy", m), COMMANDS,
+                                                   callback_group=group)
         self.create_subscription(JointTrajectory, "teleop/joint_command",
                                  lambda m: self._on_command("teleop", m), COMMANDS, callback_group=group)
         self.create_subscription(JointState, r.joint_states_topic, self._on_joint_state,
@@ -251,7 +252,10 @@ class SafetyNode(Node):
         if rejection:
             level, message = max(level, 1), rejection
         values = {"state": st.state, "source": st.source, "rejected_messages": self._rejections,
-                  "last_rejection": self._last_rejection}
+                  "last_rejection": self._last_rejection,
+                  # matched DDS endpoints (discovery can take seconds): is the command path connected?
+                  "policy_command_publishers": self.sub_policy.get_publisher_count(),
+                  "output_subscribers": self.pub_arm.get_subscription_count()}
         self.pub_diag.publish(diagnostic_array(self.get_clock().now().to_msg(), f"{self.get_name()}: safety limits",
                                                level, message, values, hardware_id=self.robot.name))
 

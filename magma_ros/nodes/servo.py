@@ -35,7 +35,7 @@ def make_node():
             self.servo = Servo(self.robot, Kinematics(self.robot), self.cfg)
             self.pub = self.create_publisher(JointTrajectory, "magma/joint_command", 10)
             self.diag_pub = self.create_publisher(DiagnosticArray, "diagnostics", 10)
-            self.create_subscription(TwistStamped, "magma/ee_twist", self.on_twist, 10)
+            self.twist_sub = self.create_subscription(TwistStamped, "magma/ee_twist", self.on_twist, 10)
             self.create_subscription(Float64, "magma/gripper", self.on_gripper, 10)
             state_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
             self.create_subscription(JointState, self.robot.joint_states_topic, self.on_state, state_qos)
@@ -123,7 +123,10 @@ def make_node():
                     "applied": s.applied, "held_late": s.held_late, "delta_mode": self.servo.delta_mode,
                     "step_period_s": self.cfg.step_period,
                     "last_twist_spacing_s": "" if self.servo.last_spacing is None else
-                    f"{self.servo.last_spacing:.3f}"}
+                    f"{self.servo.last_spacing:.3f}",
+                    # matched DDS endpoints (discovery can take seconds): is the command path connected?
+                    "twist_publishers": self.twist_sub.get_publisher_count(),
+                    "command_subscribers": self.pub.get_subscription_count()}
             vals.update({f"dropped_{k}": v for k, v in s.dropped.items()})
             self.diag_pub.publish(diagnostic_array(
                 self.get_clock().now().to_msg(), "magma_ros: servo", 0 if flowing else 1,

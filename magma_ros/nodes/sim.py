@@ -133,11 +133,11 @@ def _make_node():
             c = self.cfg.controller
             sub = self.create_subscription
             if c == "jtc":
-                sub(JointTrajectory, f"{r.arm_controller}/joint_trajectory", self._on_jtc, 10)
+                self._arm_sub = sub(JointTrajectory, f"{r.arm_controller}/joint_trajectory", self._on_jtc, 10)
             elif c == "forward":
-                sub(Float64MultiArray, f"{r.forward_controller}/commands", self._on_forward, 10)
+                self._arm_sub = sub(Float64MultiArray, f"{r.forward_controller}/commands", self._on_forward, 10)
             else:
-                sub(JointState, ISAAC_TOPIC, self._on_isaac, 10)
+                self._arm_sub = sub(JointState, ISAAC_TOPIC, self._on_isaac, 10)
             sub(JointTrajectory, f"{r.gripper_controller}/joint_trajectory", self._on_gripper, 10)
             self.create_service(Trigger, "reset", self._on_reset)
             self._JointState, self._Clock = JointState, Clock
@@ -353,7 +353,8 @@ def _make_node():
             self.pub_diag.publish(diagnostic_array(
                 now, "sim", level, f"real-time factor {rtf:.2f}",
                 {"real_time_factor": f"{rtf:.3f}", "sim_time": f"{now:.3f}", "frames": self.frames,
-                 "dropped_frames": self.dropped_frames, "rejected_commands": self.rejected},
+                 "dropped_frames": self.dropped_frames, "rejected_commands": self.rejected,
+                 "command_publishers": self._arm_sub.get_publisher_count()},  # matched arm command writers
                 hardware_id=f"mujoco/{self.robot.name}"))
 
         def close(self) -> None:

@@ -113,6 +113,35 @@ NODE_SCRIPT = [[0.01, 0, 0, 0, 0, 0, 1], [0, 0.01, 0, 0, 0, 0, 1], [0, 0, -0.01,
 PACE = 1.0  # [s sim time] camera period: one action per frame, the arm settles after each step
 
 
+def graph_not_ready(diags: dict[str, tuple[float, dict]]) -> list[str]:
+    """What the node test still waits for, from each node's newest diagnostics (empty: all ready).
+
+    The probe's own ``magma/ee_twist`` subscription and ``magma/joint_command`` publisher are
+    counted by the policy and the safety node, hence ">= 2" there.
+    """
+    def get(status: str, key: str):
+        stamp, vals = diags.get(status, (0.0, {}))
+        return stamp, vals.get(key)
+
+    def count(status: str, key: str) -> int:
+        v = get(status, key)[1]
+        return int(v) if v is not None else 0
+
+    stamp, js = get("magma_ros: servo", "joint_states")
+    checks = {
+        "servo: sim clock and joint states": stamp > 0 and js == "yes",  # before: twists "from the future"
+        "safety: initialized on fresh joint states": get("safety: safety limits", "state")[1]
+        not in (None, "waiting"),
+        "policy -> servo (policy side)": count("magma_ros: policy", "twist_subscribers") >= 2,
+        "policy -> servo (servo side)": count("magma_ros: servo", "twist_publishers") >= 1,
+        "servo -> safety (servo side)": count("magma_ros: servo", "command_subscribers") >= 1,
+        "servo -> safety (safety side)": count("safety: safety limits", "policy_command_publishers") >= 2,
+        "safety -> sim (safety side)": count("safety: safety limits", "output_subscribers") >= 1,
+        "safety -> sim (sim side)": count("sim", "command_publishers") >= 1,
+    }
+    return [k for k, ok in checks.items() if not ok]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fr3", "panda", "wx250s"])
 def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes, rclpy_node):
@@ -138,7 +167,7 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
     sim_time = {"use_sim_time": True}
     script = "; ".join(",".join(str(v) for v in r) for r in NODE_SCRIPT)
     nodes.start("sim", {"robot": name, "controller": "jtc", "camera_fps": 1.0 / PACE, "width": 64,
-                        "height": 48})
+                        "height": 48, "report_period": 1.0})
     # Watchdog timeouts are widened: this test is about where the arm goes, and on a loaded CI machine
     # each process's /clock can lag the others' by more than the default 0.5 s (then the safety node
     # would rightly reject a command as stale and the step would be lost). Watchdogs have own tests.
@@ -157,15 +186,12 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
             states.append((m.header.stamp.sec + m.header.stamp.nanosec * 1e-9,
                            np.array([m.position[idx[j]] for j in rb.arm_joints])))
 
-    servo_ready = False
+    diags: dict[str, tuple[float, dict]] = {}  # status name -> (header stamp, values) of the newest
 
     def on_diag(m):
-        nonlocal servo_ready
         for st in m.status:
-            vals = {kv.key: kv.value for kv in st.values}
-            stamp = m.header.stamp.sec + m.header.stamp.nanosec * 1e-9
-            if st.name == "magma_ros: servo" and vals.get("joint_states") == "yes" and stamp > 0:
-                servo_ready = True
+            diags[st.name] = (m.header.stamp.sec + m.header.stamp.nanosec * 1e-9,
+                              {kv.key: kv.value for kv in st.values})
 
     node = rclpy_node
     node.create_subscription(DiagnosticArray, "diagnostics", on_diag, 50)
@@ -199,9 +225,18 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
         return len(recent) > 5 and np.ptp(np.array(recent), axis=0).max() < 1e-5
 
     assert node.spin_until(still, 30.0), "the arm does not come to rest"
-    # the servo acts only once it has the sim clock and joint states (before that a twist stamped in
-    # sim time is "from the future" and rightly dropped): wait for its diagnostics to say so
-    assert node.spin_until(lambda: servo_ready, 60.0), f"servo never ready\n{nodes.dump()}"
+    # Nothing is re-sent: a step is lost when any link of the command path is not up when it is used.
+    # DDS discovery between two processes can take seconds (Fast DDS repeats a lost participant
+    # announcement only after 3 s), independently for every pair, so "the arm is at rest" or "the
+    # servo is up" says nothing about the policy -> servo link. Wait until every node reports what it
+    # needs (in its own diagnostics: its clock, joint states and matched DDS endpoints), then start.
+    missing: list[str] = []
+
+    def ready() -> bool:
+        missing[:] = graph_not_ready(diags)
+        return not missing
+
+    assert node.spin_until(ready, 60.0), f"graph not ready: {missing}\n{nodes.dump()}"
     instr_pub.publish(String(data="trace the square"))
     done = node.spin_until(lambda: len(twists) >= len(NODE_SCRIPT) and states[-1][0] > twists[-1] + PACE,
                            120.0)
@@ -220,4 +255,4 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
         e_pos = np.linalg.norm((p1[:3, 3] - p0[:3, 3]) - a[:3])
         e_rot = angle_between(rpy_matrix(*a[3:6]) @ p0[:3, :3], p1[:3, :3])
         print(f"{name} step {k}: {e_pos * 1e3:.3f} mm, {math.degrees(e_rot):.3f} deg")
-        assert e_pos <= 2e-3 and math.degrees(e_rot) <= 1.0, (k, e_pos, math.degrees(e_rot))
+        assert e_pos <= 2e-3 and math.degrees(e_rot) <= 1.0, (k, e_pos, math.degrees(e_rot), diags)
