@@ -11,7 +11,8 @@ One Magma policy step is
 
 Faithful by default: greedy, stops a row at EOS and pads it afterwards exactly as transformers'
 ``generate`` does, so the tokens equal ``MagmaModel.generate_plain`` (checked on the fixture in
-``test/model/test_fast.py``). ``allowed_token_ids`` restricts the argmax (constrained mode).
+``test/model/test_fast.py``). ``allowed_token_ids`` restricts the argmax (constrained mode);
+``sampling`` draws tokens instead (:class:`Sampling`, e.g. Magma's evaluation-time T = 0.7, top-k 50).
 
 Cache layout (slots of the static cache, per batch row)::
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FastGenerator", "decode_one_token", "merge_one_image_per_row", "prefill"]
+__all__ = ["FastGenerator", "Sampling", "decode_one_token", "merge_one_image_per_row", "prefill"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,10 +271,50 @@ def argmax(x: Tensor) -> Tensor:
     return x.argmax(-1)
 
 
-def pick(logits: Tensor, bias: Tensor | None, finished: Tensor, eos: Tensor, pad: int) -> Tensor:
-    # logits: (B, V) float32; bias: (V,) 0 / -inf or None; finished: (B,) bool, updated in place
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding: softmax(logits / temperature) over the ``top_k`` largest logits.
+
+    Magma's SimplerEnv / LIBERO evaluation generated with ``do_sample=True, temperature=0.7`` under
+    transformers 4.44, whose default ``top_k`` for sampling was 50 (MAGMA_FACTS §1.4) — so
+    ``Sampling(0.7, 50)`` is that evaluation's decoding. ``top_k`` None or 0: no top-k cut.
+    """
+
+    temperature: float
+    top_k: int | None = 50
+    generator: torch.Generator | None = None  # on the logits' device; None: torch's default one
+
+    def __post_init__(self):
+        if not (self.temperature > 0 and self.temperature < float("inf")):
+            raise ValueError(f"temperature must be > 0 and finite for sampling, got {self.temperature}")
+        if self.top_k is not None and int(self.top_k) < 0:
+            raise ValueError(f"top_k must be >= 0 (0 or None: off), got {self.top_k}")
+
+    def perturb(self, logits: Tensor) -> Tensor:
+        """(B, V) float32 logits → scores whose argmax is one sample (the Gumbel-max trick).
+
+        argmax(logits/T + G), G = -log(-log(U)), U ~ U(0, 1), is an exact draw from
+        softmax(logits/T): no host sync, no cumulative sums, and a 0/-inf constraint bias added
+        before it keeps its meaning (a -inf logit is never drawn). The top-k cut is transformers'
+        ``TopKLogitsWarper`` (ties at the k-th value are kept).
+        """
+        x = logits / self.temperature
+        k = int(self.top_k or 0)
+        if 0 < k < x.shape[-1]:
+            kth = torch.topk(x, k, dim=-1).values[..., -1:]  # (B, 1)
+            x = x.masked_fill(x < kth, float("-inf"))
+        u = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        return x - torch.log(-torch.log(u))
+
+
+def pick(logits: Tensor, bias: Tensor | None, finished: Tensor, eos: Tensor, pad: int,
+         sampling: Sampling | None = None) -> Tensor:
+    # logits: (B, V) float32; bias: (V,) 0 / -inf or None; finished: (B,) bool, updated in place;
+    # sampling: None = greedy
     if bias is not None:
         logits = logits + bias
+    if sampling is not None:
+        logits = sampling.perturb(logits)
     tok = argmax(logits).masked_fill_(finished, pad)  # (B,); rows past EOS emit pad, as generate
     finished |= (tok == eos) if eos.numel() == 1 else torch.isin(tok, eos)
     return tok
@@ -618,8 +659,10 @@ class FastGenerator:
                  pixel_values: Tensor | None = None, image_sizes: Tensor | None = None,
                  max_new_tokens: int = 7,
                  allowed_token_ids: Sequence[int] | Sequence[Sequence[int] | None] | Tensor | None = None,
-                 pixel_upsample: int = 1) -> Tensor:
+                 pixel_upsample: int = 1, sampling: Sampling | None = None) -> Tensor:
         """Greedy tokens (B, n), n ≤ max_new_tokens (shorter only when every row hit EOS, as ``generate``).
+
+        ``sampling``: draw each token from the tempered (top-k) softmax instead (:class:`Sampling`).
 
         ``allowed_token_ids``: ids the argmax may pick at every step, or one entry per step
         (None = unconstrained at that step), e.g. the 256 action ids for the 7 action positions.
@@ -699,7 +742,7 @@ class FastGenerator:
         bias = self._bias(allowed_token_ids, max_new_tokens, logits.shape[-1])
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
-        tok = pick(logits, None if bias is None else bias[0], finished, self.eos, self.pad)
+        tok = pick(logits, None if bias is None else bias[0], finished, self.eos, self.pad, sampling)
         out[:, 0] = tok
         cur_pos = pos[:, -1]  # (B,) last prompt position
         # every slot index the loop will use, made on the device once (a host→device copy inside
@@ -717,7 +760,7 @@ class FastGenerator:
                 kv_len = slot + 1
                 dmask = additive_mask(valid[:, None, None, :kv_len], e.dtype) if padded else None
             logits = self._decode(e, tok, cur_pos, slot_t, kv_len, dmask)
-            tok = pick(logits, None if bias is None else bias[t], finished, self.eos, self.pad)
+            tok = pick(logits, None if bias is None else bias[t], finished, self.eos, self.pad, sampling)
             out[:, t] = tok
         # the one host sync: trim the steps after every row had finished (generate stops there)
         done = torch.isin(out, self.eos).cumsum(1).clamp(max=1).bool().all(0)  # (n,) all rows finished by t

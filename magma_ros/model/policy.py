@@ -6,8 +6,10 @@ static-KV engine or transformers' ``generate``; greedy) -> action decoding (``co
 first 7 tokens, bins, q01/q99 statistics, gripper map). Results follow the ``BasePolicy`` contract
 of ``magma_ros.serve`` so a remote server and a local node see the same thing.
 
-Decoding is greedy (deterministic). Magma's SimplerEnv/LIBERO evaluation sampled at temperature
-0.7 and its ToM demo at 0.3; how much that matters for success rates is UNVERIFIED.
+Decoding is greedy (deterministic) by default. Magma's SimplerEnv/LIBERO evaluation sampled
+(``do_sample=True, temperature=0.7`` under transformers 4.44, whose sampling default was
+``top_k=50``): ``temperature=0.7, top_k=50`` reproduces that decoding (``seed`` makes it
+repeatable). Its ToM demo sampled at 0.3. How much sampling matters for success rates is UNVERIFIED.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class PolicyConfig:
     step_period: float | None = None  # [s] override the statistics' step period (user statistics w/o rate)
     compile: str | None = None  # fast engine: None | "default" | "reduce-overhead" (CUDA graphs; GPU)
     quant: str | None = None  # fast engine: None | "int8" | "int4" (language model weights, in place)
+    temperature: float = 0.0  # 0: greedy; > 0: sample (Magma's evaluation: 0.7 with top_k 50)
+    top_k: int = 50  # sampling only: keep the k largest logits (0: all)
+    seed: int | None = None  # sampling only: seed of the policy's own generator (None: random)
 
 
 def _torch_dtype(name: str | None, device):
@@ -100,14 +105,23 @@ class MagmaPolicy:
     ``FastGenerator`` keyword in ``fast_options``) configure the fast engine; ``dtype`` is the
     model's dtype (the fast engine runs the model as loaded). With the fast engine, robot frames
     go through ``preprocess_robot_fast`` (same values as the official processor, on the device).
+    ``temperature`` > 0 samples the action tokens from the tempered top-``top_k`` softmax (Magma's
+    evaluation used 0.7 / 50) with the policy's own generator, seeded by ``seed``; 0 is greedy.
     """
 
     def __init__(self, model_or_path, *, stats: str | Path | ActionStats = "bridge_orig", device=None,
                  dtype=None, engine: str = "auto", constrained: bool = False, tokenizer=None,
                  max_batch: int = 4, step_period: float | None = None,
                  mm_use_image_start_end: bool | None = None, compile: str | None = None,
-                 quant: str | None = None, fast_options: dict | None = None):
+                 quant: str | None = None, fast_options: dict | None = None,
+                 temperature: float = 0.0, top_k: int | None = 50, seed: int | None = None):
         choose(engine, ENGINES, "engine")
+        temperature = float(temperature)
+        if not (0.0 <= temperature < float("inf")):
+            raise ConfigError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+        if top_k is not None and int(top_k) < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: no cut), got {top_k}")
+        self.temperature, self.top_k, self.seed = temperature, (int(top_k) if top_k else None), seed
         if isinstance(stats, ActionStats):
             self.stats = stats
         else:
@@ -178,13 +192,23 @@ class MagmaPolicy:
                 log.warning("fast engine unavailable (%s: %s); using transformers generate",
                             type(e).__name__, e)
         self.engine = engine
+        self._sampling = None
+        if self.temperature > 0:
+            import torch
+
+            from magma_ros.model.fast import Sampling
+
+            gen = torch.Generator(device=self.model.device)
+            gen.manual_seed(int(seed)) if seed is not None else gen.seed()
+            self._sampling = Sampling(self.temperature, self.top_k, gen)
 
     @classmethod
     def from_config(cls, model_or_path, cfg: PolicyConfig, **kw) -> MagmaPolicy:
         """Build from a `PolicyConfig` (extra keyword arguments, e.g. ``tokenizer=``, pass through)."""
         return cls(model_or_path, stats=cfg.stats, device=cfg.device, dtype=cfg.dtype, engine=cfg.engine,
                    constrained=cfg.constrained, max_batch=cfg.max_batch, step_period=cfg.step_period,
-                   compile=cfg.compile, quant=cfg.quant, **kw)
+                   compile=cfg.compile, quant=cfg.quant, temperature=cfg.temperature, top_k=cfg.top_k,
+                   seed=cfg.seed, **kw)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -199,7 +223,8 @@ class MagmaPolicy:
     def metadata(self) -> dict:
         """What a remote client needs to know (sent by the server on connect)."""
         return {"stats": self.stats.name, "step_period": self.step_period, "engine": self.engine_name,
-                "constrained": self.constrained, "action_dim": ACTION_DIM,
+                "constrained": self.constrained, "temperature": self.temperature, "top_k": self.top_k,
+                "action_dim": ACTION_DIM,
                 "gripper": "normalized 0 closed .. 1 open", "max_batch": self.max_batch}
 
     def reset(self, robot_id: str | None = None) -> None:
@@ -255,12 +280,15 @@ class MagmaPolicy:
             self._ids_cache.move_to_end(text)
         return ids
 
-    def _generate(self, input_ids, mask, pv, sizes, upsample: int = 1, max_new_tokens: int = 7, allowed=None):
-        """New token ids (B, n) as a numpy int64 array (``upsample``: see `preprocess_fast`)."""
+    def _generate(self, input_ids, mask, pv, sizes, upsample: int = 1, max_new_tokens: int = 7, allowed=None,
+                  sample: bool = False):
+        """New token ids (B, n) as a numpy int64 array (``upsample``: see `preprocess_fast`;
+        ``sample``: use the policy's sampling settings, when it has any)."""
         if self._fast is not None:
             try:
                 out = self._fast.generate(input_ids, mask, pv, sizes, max_new_tokens=max_new_tokens,
-                                          allowed_token_ids=allowed, pixel_upsample=upsample)
+                                          allowed_token_ids=allowed, pixel_upsample=upsample,
+                                          sampling=self._sampling if sample else None)
                 return out.cpu().numpy()
             except ValueError:
                 raise
@@ -275,6 +303,10 @@ class MagmaPolicy:
             from transformers import LogitsProcessorList
 
             kw["logits_processor"] = LogitsProcessorList([_AllowedTokens(allowed)])
+        if sample and self._sampling is not None:
+            # transformers' sampler draws from torch's global generator: repeatable with
+            # torch.manual_seed, not with this policy's seed
+            kw.update(do_sample=True, temperature=self.temperature, top_k=self.top_k)
         from magma_ros.model.processor import upsample_pixels
 
         pv = upsample_pixels(pv, upsample)
@@ -312,7 +344,7 @@ class MagmaPolicy:
                  for _, task, _ in checked]
         batch = self._batch(texts, [[img] for img, _, _ in checked], robot=True)
         allowed = [self.action_ids] * ACTION_DIM if self.constrained else None
-        gen = self._generate(*batch, max_new_tokens=ACTION_DIM, allowed=allowed)  # (B, <=7)
+        gen = self._generate(*batch, max_new_tokens=ACTION_DIM, allowed=allowed, sample=True)  # (B, <=7)
         latency = (time.perf_counter() - t0)
         out = []
         for row, (_, _, rid) in zip(gen, checked):

@@ -30,6 +30,11 @@ class PolicyNodeConfig:
     stats: str = "bridge_orig"  # local: action statistics (bridge_orig, google_robot, or a JSON path)
     engine: str = "auto"  # local: generation engine passed to MagmaPolicy
     constrained: bool = False  # local: restrict generation to the 256 action tokens
+    temperature: float = 0.0  # local: 0 = greedy; > 0 samples (Magma's evaluation: 0.7 with top_k 50)
+    top_k: int = 50  # local, sampling: keep the k largest logits (0: all)
+    seed: int = -1  # local, sampling: generator seed (-1: random)
+    compile: str = ""  # local, fast engine: "" | default | reduce-overhead (CUDA graphs, GPU)
+    quant: str = ""  # local, fast engine: "" | int8 | int4 (language-model weights)
     host: str = "127.0.0.1"  # remote: policy server
     port: int = 8765  # remote: policy server port
     scripted_actions: str = ""  # scripted: "dx,dy,dz,droll,dpitch,dyaw,grip; ..." (7 numbers per action)
@@ -109,7 +114,9 @@ def build_policy(cfg: PolicyNodeConfig):
         if not model:
             raise ConfigError("policy:=local needs model:=<checkpoint dir or hub id> (or MAGMA_MODEL)")
         pol = MagmaPolicy(model, stats=cfg.stats, engine=cfg.engine, constrained=cfg.constrained,
-                          device=cfg.device or None)
+                          device=cfg.device or None, compile=cfg.compile or None, quant=cfg.quant or None,
+                          temperature=cfg.temperature, top_k=cfg.top_k,
+                          seed=cfg.seed if cfg.seed >= 0 else None)
     if cfg.step_period:
         return pol, float(cfg.step_period)
     try:

@@ -247,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default="auto", help="auto | fast | plain")
     ap.add_argument("--constrained", action="store_true", help="only action tokens at the 7 action positions")
     ap.add_argument("--max-batch", type=int, default=4, help="observations per forward pass")
+    ap.add_argument("--compile", default=None, help="fast engine: default | reduce-overhead (CUDA graphs)")
+    ap.add_argument("--quant", default=None, help="fast engine: int8 | int4 (language-model weights)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy; > 0: sample (Magma's evaluation: 0.7 with --top-k 50)")
+    ap.add_argument("--top-k", type=int, default=50, help="sampling: keep the k largest logits (0: all)")
+    ap.add_argument("--seed", type=int, default=None, help="sampling: generator seed")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -256,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         from magma_ros.model.policy import MagmaPolicy
 
         policy = MagmaPolicy(a.model, stats=a.stats, device=a.device, dtype=a.dtype, engine=a.engine,
-                             constrained=a.constrained, max_batch=a.max_batch)
+                             constrained=a.constrained, max_batch=a.max_batch, compile=a.compile,
+                             quant=a.quant, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
     except ConfigError as e:
         print(f"error: {e}", flush=True)
         return 2

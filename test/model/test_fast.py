@@ -549,3 +549,64 @@ def test_compiled_step_gives_the_plain_tokens(model):
         out = gen.generate(ids, mask, half["pixel_values"], half["image_sizes"], max_new_tokens=7,
                            pixel_upsample=half["upsample"])
         assert torch.equal(out, ref), (seed, out, ref)
+
+
+# ---------------------------------------------------------------- sampling
+def test_sampling_draws_from_the_tempered_top_k_softmax():
+    """Gumbel-max draws follow softmax(logits / T) over the top-k logits (checked by a chi-square
+    bound on 40,000 draws), never leave the top k, and respect a -inf constraint bias."""
+    from magma_ros.model.fast import Sampling, pick
+
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.3, 0.0, -0.5, -1.0, -3.0, 0.9, 1.2])
+    T, k, n = 0.7, 5, 40_000
+    g = torch.Generator().manual_seed(0)
+    s = Sampling(T, k, g)
+    rows = logits.expand(n, -1).contiguous()
+    finished = torch.zeros(n, dtype=torch.bool)
+    tok = pick(rows, None, finished, torch.tensor([99]), 0, s)
+    top = torch.topk(logits, k).indices
+    want = torch.zeros_like(logits)
+    want[top] = torch.softmax(logits[top] / T, 0)
+    counts = torch.bincount(tok, minlength=logits.numel()).double()
+    assert counts[want == 0].sum() == 0  # outside the top k: never
+    expected = want.double() * n
+    chi2 = float((((counts - expected) ** 2)[want > 0] / expected[want > 0]).sum())
+    assert chi2 < 20.5  # 4 degrees of freedom: P(chi2 > 20.5) ≈ 4e-4 for a correct sampler
+    # a constraint bias (-inf outside the allowed ids) keeps its meaning under sampling
+    bias = torch.full_like(logits, float("-inf"))
+    bias[[3, 7]] = 0.0
+    tok = pick(rows, bias, torch.zeros(n, dtype=torch.bool), torch.tensor([99]), 0, Sampling(T, None, g))
+    assert set(tok.tolist()) == {3, 7}
+    frac3 = float((tok == 3).double().mean())
+    p3 = float(torch.softmax(logits[[3, 7]] / T, 0)[0])
+    assert abs(frac3 - p3) < 4 * (p3 * (1 - p3) / n) ** 0.5
+    # the same generator state gives the same draws; bad settings are refused
+    a = Sampling(T, k, torch.Generator().manual_seed(5)).perturb(rows[:8]).argmax(-1)
+    b = Sampling(T, k, torch.Generator().manual_seed(5)).perturb(rows[:8]).argmax(-1)
+    assert torch.equal(a, b)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            Sampling(bad)
+    with pytest.raises(ValueError, match="top_k"):
+        Sampling(0.7, -1)
+
+
+def test_sampled_generation_is_seeded_constrained_and_greedy_in_the_limit(model, fast):
+    from magma_ros.model.fast import Sampling
+
+    ids, mask = batch([prompt(WORDS_B)])
+    pv, sizes = images(4)
+
+    def run(seed, T=0.7, allowed=None, k=50):
+        s = Sampling(T, k, torch.Generator().manual_seed(seed))
+        return fast.generate(ids, mask, pv, sizes, max_new_tokens=7, allowed_token_ids=allowed, sampling=s)
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b)  # repeatable with the same seed
+    assert not torch.equal(a, c)  # a random tiny model's softmax is broad: other seeds draw other tokens
+    greedy = fast.generate(ids, mask, pv, sizes, max_new_tokens=7)
+    assert torch.equal(run(3, T=1e-4, k=0), greedy)  # T -> 0: the argmax
+    assert torch.equal(run(4, k=1), greedy)  # top-1: the argmax at any temperature
+    allowed = list(range(127744, 128000))  # the 256 action tokens
+    out = run(5, T=1.0, allowed=allowed)
+    assert out.shape == (1, 7) and all(127744 <= t < 128000 for t in out[0].tolist())

@@ -116,7 +116,7 @@ def test_tom_traces_come_back_in_pixels_of_the_input_image(policy, image, monkey
     ids = np.array([policy.tokenizer(answer, add_special_tokens=False)["input_ids"]])
     seen = {}
 
-    def fake_generate(input_ids, mask, pv, sizes, upsample=1, max_new_tokens=7, allowed=None):
+    def fake_generate(input_ids, mask, pv, sizes, upsample=1, max_new_tokens=7, allowed=None, sample=False):
         seen["ids"] = input_ids[0].tolist()
         return ids
 
@@ -150,3 +150,32 @@ def test_statistics_choices(policy, tmp_path):
     assert u.step_period == 0.05 and u.stats.name == "libero_goal_no_noops"
     with pytest.raises(ConfigError, match="did you mean 'plain'"):
         MagmaPolicy(policy.model, tokenizer=policy.tokenizer, engine="plan")
+
+
+def test_sampling_policies_are_seeded_on_both_engines(policy, image):
+    """temperature > 0: constrained sampled actions are valid Bridge actions; the fast engine
+    repeats itself with the same seed; the plain engine samples through transformers; bad
+    settings are refused."""
+    import torch
+
+    from magma_ros.model.policy import MagmaPolicy, PolicyConfig
+
+    def make(seed, engine="auto"):
+        return MagmaPolicy(policy.model, tokenizer=policy.tokenizer, constrained=True, temperature=0.7,
+                           top_k=50, seed=seed, engine=engine)
+
+    obs = {"image": image, "instruction": "put the carrot on the plate"}
+    a, b, c = make(1).infer(obs), make(1).infer(obs), make(2).infer(obs)
+    assert a["valid"] and a["tokens"] == b["tokens"] and a["tokens"] != c["tokens"]
+    np.testing.assert_allclose(a["action"], expected_bridge_action(a["tokens"]), atol=1e-6)
+    assert make(1).metadata()["temperature"] == 0.7
+    plain = make(1, engine="plain")
+    torch.manual_seed(0)
+    r = plain.infer(obs)
+    assert r["valid"] and all(127744 <= t < 128000 for t in r["tokens"])
+    # the config route and its defaults: greedy unless asked
+    greedy = MagmaPolicy.from_config(policy.model, PolicyConfig(), tokenizer=policy.tokenizer)
+    assert greedy.temperature == 0.0 and greedy._sampling is None
+    for kw in ({"temperature": -0.1}, {"temperature": float("nan")}, {"top_k": -2}):
+        with pytest.raises(ConfigError):
+            MagmaPolicy(policy.model, tokenizer=policy.tokenizer, **kw)

@@ -241,8 +241,11 @@ def test_tiny_checkpoint_invalid_actions_are_not_published_and_tom_is(nodes, rcl
 
 @pytest.mark.slow
 def test_tiny_checkpoint_constrained_publishes_a_twist(nodes, rclpy_node, tiny_checkpoint):
+    # sampled decoding as in Magma's evaluation (T 0.7, top-k 50), seeded: the node's sampling
+    # parameters reach the policy and constrained sampling still yields action tokens
     proc = nodes.start("policy", {"policy": "local", "model": str(tiny_checkpoint), "device": "cpu",
-                                  "robot": "panda", "constrained": True, "image_timeout": 30.0})
+                                  "robot": "panda", "constrained": True, "image_timeout": 30.0,
+                                  "temperature": 0.7, "top_k": 50, "seed": 3})
     probe = Probe(rclpy_node)
     wait_ready(probe, nodes, proc, timeout=180.0)
     assert probe.wait(lambda: len(probe.twists) >= 1, 240.0), nodes.dump()
