@@ -104,7 +104,9 @@ def test_closed_loop_holds_stops_and_resumes(ros_env, tmp_path, tiny_ckpt):
         # 1. Magma drives the arm through servo and safety.
         assert probe.wait_for(lambda: len(probe.twists) >= 5, 240, alive=alive), explain("no policy actions")
         assert _moves_again(probe, alive), explain("arm did not move")
-        assert probe.states and probe.state == "ok", explain("safety not ok while driving")
+        # a late joint-state message (state_timeout 0.2 s) on a loaded 2-core machine makes the safety
+        # node hold for a moment, which is its job; while driving it must be back to ok right after
+        assert probe.wait_for(lambda: probe.state == "ok", 15, alive=alive), explain("safety not ok while driving")
 
         # 2. Stale camera: the policy publishes nothing, the safety watchdog holds the arm.
         relay["on"] = False
