@@ -194,12 +194,14 @@ class PolicyLoop:
     """Runs ``policy.infer`` on the newest frame in a worker thread and hands valid actions on.
 
     ``now()`` returns the node clock in seconds; ``publish(PolicyAction)`` and ``report(str)`` are
-    called from the worker thread.
+    called from the worker thread. ``ready()`` (optional) returns '' when an action would reach
+    its consumer, else why not (e.g. no servo matched yet on DDS): the frame is then not acted on
+    and the next one is, so the first action after start-up is not published into the void.
     """
 
     def __init__(self, policy, step_period: float, image_timeout: float, now: Callable[[], float],
                  publish: Callable[[PolicyAction], None], report: Callable[[str], None] | None = None,
-                 instruction: str = "", nice: int = 0):
+                 instruction: str = "", nice: int = 0, ready: Callable[[], str] | None = None):
         if not step_period > 0:
             raise ConfigError(f"step_period must be > 0 s, got {step_period}")
         self.policy = policy
@@ -208,6 +210,7 @@ class PolicyLoop:
         self.now = now
         self.publish = publish
         self.report = report or (lambda s: None)
+        self.ready = ready or (lambda: "")
         self.nice = nice
         self.mailbox = Mailbox()
         self.stats = LoopStats()
@@ -272,6 +275,11 @@ class PolicyLoop:
         if not self._instruction:
             self.stats.last_reason = "waiting for an instruction"
             return "waiting for an instruction"
+        why = self.ready()
+        if why:
+            self.stats.last_reason = why
+            self.report(why)
+            return why
         self._last_action_stamp = stamp
         self.busy.set()
         try:

@@ -54,6 +54,9 @@ class PolicyNodeConfig:
     #                           twice the memory); True: share the action model, plans start only
     #                           while the action loop is idle and the last plan fits in the slack
     diagnostics_period: float = 1.0  # [s] diagnostics publication period
+    # act only while something subscribes to magma/ee_twist (the servo): a twist published before
+    # DDS has matched the servo is lost. False for consumers that do not show up as subscribers.
+    require_subscriber: bool = True
 
 
 def image_to_rgb(msg) -> np.ndarray:
@@ -183,7 +186,8 @@ def make_node():
             self.grip_pub = self.create_publisher(Float64, "magma/gripper", 10)
             self.diag_pub = self.create_publisher(DiagnosticArray, "diagnostics", 10)
             self.loop = PolicyLoop(self.policy, self.step_period, self.cfg.image_timeout, self.now,
-                                   self.publish_action, self.report, instruction=self.cfg.instruction)
+                                   self.publish_action, self.report, instruction=self.cfg.instruction,
+                                   ready=self.outputs_ready if self.cfg.require_subscriber else None)
             self.tom = None
             self._tom_note = ""
             if self.cfg.tom_rate > 0:
@@ -243,6 +247,11 @@ def make_node():
             self.get_logger().info(f"instruction: '{self.loop.instruction}'")
 
         # ---------------------------------------------------------- outputs (worker threads)
+        def outputs_ready(self) -> str:
+            if self.twist_pub.get_subscription_count() > 0:
+                return ""
+            return f"waiting for a subscriber on '{self.twist_pub.topic_name}' (servo not connected yet)"
+
         def publish_action(self, a: PolicyAction) -> None:
             TwistStamped, Float64 = self._msgs[4], self._msgs[5]
             m = TwistStamped()

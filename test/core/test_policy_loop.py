@@ -281,3 +281,19 @@ def test_shared_model_tom_starts_only_when_the_last_plan_fits_before_the_next_ac
     assert w.step(0) is False and plans == []
     w.last_latency = 0.1  # fits
     assert w.step(0) is True and plans == [10.05]
+
+
+def test_no_action_while_its_consumer_is_not_connected():
+    """ready() != '': the frame is not acted on (no inference, nothing published, reason reported),
+    and the next frame is acted on as soon as the consumer is there (no step-period wait)."""
+    clock, pol = Clock(7.0), Recording()
+    state = {"why": "waiting for a subscriber on '/magma/ee_twist' (servo not connected yet)"}
+    pub, rep = [], []
+    loop = PolicyLoop(pol, 0.2, 0.5, clock, pub.append, rep.append, "pick the can", ready=lambda: state["why"])
+    loop.offer(Frame(img(1), 7.0, 7.0))
+    assert loop.step(0).startswith("waiting for a subscriber") and pol.seen == [] and pub == []
+    assert "servo not connected" in rep[-1] and loop.stats.last_reason == rep[-1]
+    state["why"] = ""
+    clock.t = 7.05
+    loop.offer(Frame(img(2), 7.05, 7.05))  # 50 ms later: still acted on, the first frame did not count
+    assert loop.step(0) == "published" and pol.seen == [2] and pub[0].stamp == pytest.approx(7.05)

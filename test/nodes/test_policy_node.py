@@ -33,7 +33,7 @@ def stamp_of(t: float):
 class Probe:
     """Camera + instruction publisher and collector of everything the policy node emits."""
 
-    def __init__(self, node, instruction: str | None = "pick up the red cube"):
+    def __init__(self, node, instruction: str | None = "pick up the red cube", listen: bool = True):
         from diagnostic_msgs.msg import DiagnosticArray
         from geometry_msgs.msg import TwistStamped
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -50,7 +50,9 @@ class Probe:
         self.instr_pub = node.create_publisher(String, "magma/instruction", latched)
         if instruction is not None:
             self.instr_pub.publish(String(data=instruction))
-        node.create_subscription(TwistStamped, "magma/ee_twist", self.twists.append, 50)
+        self._twist_sub = (lambda: node.create_subscription(TwistStamped, "magma/ee_twist", self.twists.append, 50))
+        if listen:  # else the test subscribes later (`listen()`)
+            self.listen()
         node.create_subscription(Float64, "magma/gripper", self.grippers.append, 50)
         node.create_subscription(DiagnosticArray, "diagnostics",
                                  lambda m: self.diags.extend(s for s in m.status if "policy" in s.name), 50)
@@ -62,6 +64,9 @@ class Probe:
         self.age = 0.0  # publish images stamped this many seconds in the past
         self.encoding = "rgb8"
         self._last = 0.0
+
+    def listen(self):
+        self._twist_sub()
 
     def now(self) -> float:
         return self.node.get_clock().now().nanoseconds * 1e-9
@@ -118,6 +123,25 @@ def test_image_conversion_handles_bgr_padding_and_rejects_unknown_encodings():
         image_to_rgb(Image(height=2, width=3, encoding="16UC1", step=6, data=bytes(12)))
     with pytest.raises(ValueError, match="does not match"):
         image_to_rgb(Image(height=2, width=3, encoding="rgb8", step=9, data=bytes(10)))
+
+
+def test_no_action_is_spent_before_a_servo_listens(nodes, rclpy_node):
+    """With nobody subscribed to magma/ee_twist the node does not act (a twist published before DDS
+    matched the servo is lost) and says why; the first subscriber gets the script's first action."""
+    proc = nodes.start("policy", {"policy": "scripted", "robot": "fr3", "step_period": T,
+                                  "scripted_actions": script_param(SCRIPT), "image_timeout": 0.5,
+                                  "diagnostics_period": 0.2})
+    probe = Probe(rclpy_node, listen=False)
+    wait_ready(probe, nodes, proc)
+    assert probe.wait(lambda: probe.diags and "waiting for a subscriber" in probe.diags[-1].message, 30.0), \
+        nodes.dump()
+    assert probe.diag_values()["published"] == "0" and probe.diag_values()["twist_subscribers"] == "0"
+    probe.wait(lambda: False, 1.0)  # frames keep coming meanwhile
+    assert probe.diag_values()["published"] == "0"
+    probe.listen()
+    assert probe.wait(lambda: len(probe.twists) >= 1, 30.0), nodes.dump()
+    first = probe.twists[0].twist.linear
+    assert np.allclose(np.array([first.x, first.y, first.z]) * T, SCRIPT[0][:3], atol=1e-9)
 
 
 def test_scripted_policy_publishes_twists_with_the_image_stamp(nodes, rclpy_node):
