@@ -610,3 +610,39 @@ def test_sampled_generation_is_seeded_constrained_and_greedy_in_the_limit(model,
     allowed = list(range(127744, 128000))  # the 256 action tokens
     out = run(5, T=1.0, allowed=allowed)
     assert out.shape == (1, 7) and all(127744 <= t < 128000 for t in out[0].tolist())
+
+
+def test_bfloat16_fast_step_tracks_float32(ckpt, monkeypatch):
+    """The GPU default dtype, run on the CPU: every bf16 branch (RMSNorm's float32 round trip, bf16
+    additive masks, the folded stem in bf16, float32 logits) runs end to end, with a batch of two
+    deferred-resize frames, constrained and sampled modes; the first step's logits stay close to the
+    float32 model's (bf16 weights carry ~3 significant digits)."""
+    import magma_ros.model.fast as fm
+    from magma_ros.model.magma import MagmaModel
+    from magma_ros.model.processor import preprocess_robot_fast
+
+    seen = []
+    real_pick = fm.pick
+    monkeypatch.setattr(fm, "pick", lambda logits, *a: (seen.append(logits.clone()), real_pick(logits, *a))[1])
+    ids, mask = batch([prompt(WORDS_B), prompt(WORDS_A)])
+    frames = [np.random.default_rng(s).integers(0, 256, (480, 640, 3), dtype=np.uint8) for s in (8, 9)]
+    half = [preprocess_robot_fast(f, defer_upsample=True) for f in frames]
+    pv, sizes = torch.cat([h["pixel_values"] for h in half]), torch.cat([h["image_sizes"] for h in half])
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        m = MagmaModel.from_pretrained(ckpt, dtype=dtype)
+        gen = fm.FastGenerator(m, max_seq_len=512, max_batch=2)
+        seen.clear()
+        out = gen.generate(ids, mask, pv, sizes, max_new_tokens=7, pixel_upsample=2)
+        assert out.shape == (2, 7) and seen[0].dtype == torch.float32 and torch.isfinite(seen[0]).all()
+        logits[dtype] = seen[0]
+        allowed = list(range(127744, 128000))
+        s = fm.Sampling(0.7, 50, torch.Generator().manual_seed(0))
+        out = gen.generate(ids, mask, pv, sizes, max_new_tokens=7, pixel_upsample=2,
+                           allowed_token_ids=allowed, sampling=s)
+        assert ((out >= 127744) & (out < 128000)).all()
+    a, b = logits[torch.float32], logits[torch.bfloat16]
+    for r in range(2):
+        cos = torch.nn.functional.cosine_similarity(a[r], b[r], dim=0)
+        assert cos > 0.99, (r, float(cos))
+        assert int(b[r].argmax()) in torch.topk(a[r], 20).indices.tolist()
