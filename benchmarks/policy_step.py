@@ -77,21 +77,29 @@ def _materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtyp
                 mod.register_buffer(name, t)
 
 
+def full_config(sizes: dict | None = None):
+    """The MagmaConfig of ``FULL`` (the Magma-8B architecture; the tests check it against the
+    official parameter names and shapes) or of other ``sizes``."""
+    from magma_ros.model.checkpoint import TinySizes, magma_config_dict
+    from magma_ros.model.magma import MagmaConfig
+    from magma_ros.model.vision import VisionTowerConfig
+
+    s = TinySizes(**(sizes or FULL))
+    cfg = MagmaConfig.from_dict(magma_config_dict(s))
+    cfg.vision = VisionTowerConfig(depths=s.vision_depths, dims=s.vision_dims, head_proj_dim=s.head_proj_dim)
+    return cfg
+
+
 def build_full_random(device: torch.device, dtype: torch.dtype, quant: str | None, seed: int = 0):
     """The Magma-8B architecture with random weights, built on ``device`` layer by layer.
 
     With ``quant`` each language-model Linear is quantized right after it is created, so peak
     memory stays near the quantized size (a bf16 copy of the whole model never exists).
     """
-    from magma_ros.model.checkpoint import TinySizes, magma_config_dict
-    from magma_ros.model.magma import MagmaConfig, MagmaModel
+    from magma_ros.model.magma import MagmaModel
     from magma_ros.model.quant import language_model_linears, quantize_linear_auto
-    from magma_ros.model.vision import VisionTowerConfig
 
-    s = TinySizes(**FULL)
-    cfg = MagmaConfig.from_dict(magma_config_dict(s))
-    cfg.vision = VisionTowerConfig(depths=s.vision_depths, dims=s.vision_dims, head_proj_dim=s.head_proj_dim)
-    model = MagmaModel(cfg, device="meta", dtype=dtype)
+    model = MagmaModel(full_config(), device="meta", dtype=dtype)
     backend = None
     if quant:
         backend = "auto"

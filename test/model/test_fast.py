@@ -646,3 +646,39 @@ def test_bfloat16_fast_step_tracks_float32(ckpt, monkeypatch):
         cos = torch.nn.functional.cosine_similarity(a[r], b[r], dim=0)
         assert cos > 0.99, (r, float(cos))
         assert int(b[r].argmax()) in torch.topk(a[r], 20).indices.tolist()
+
+
+def test_benchmark_full_model_is_magma_8b_and_its_builder_runs(monkeypatch):
+    """``--checkpoint full`` (GPU only) builds the official Magma-8B names and shapes; the builder
+    itself (meta model, layer-by-layer quantization, random materialization) runs here at a small
+    width, fp32 and int8/int4, through a benchmark step."""
+    import csv
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    import policy_step
+
+    from magma_ros.model.fast import FastGenerator
+    from magma_ros.model.magma import MagmaModel
+    from magma_ros.model.tokenizer import build_llama3_tokenizer
+
+    with open(root / "test" / "fixtures" / "magma_tiny" / "full_size_keys.tsv") as f:  # official names/shapes
+        want = {name: tuple(int(x) for x in shape.strip("[]").split(","))
+                for name, shape in list(csv.reader(f, delimiter="\t"))[1:]}
+    got = {k: tuple(v.shape) for k, v in MagmaModel(policy_step.full_config(), device="meta").state_dict().items()}
+    assert got == want
+    small = dict(policy_step.FULL, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vision_depths=(1, 1, 1, 1),
+                 vision_dims=(16, 24, 32, 48), head_proj_dim=24)
+    monkeypatch.setattr(policy_step, "FULL", small)
+    tok = build_llama3_tokenizer()
+    frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    for quant in (None, "int8", "int4"):
+        model, backend = policy_step.build_full_random(torch.device("cpu"), torch.float32, quant)
+        assert not any(t.is_meta for t in model.state_dict().values())
+        assert (backend is None) == (quant is None)
+        step = policy_step.Step(model, tok, torch.device("cpu"), FastGenerator(model, max_seq_len=512))
+        out, actions, _ = step([frame], "fast")
+        plain, _, _ = step([frame], "plain")
+        assert out.shape == (1, 7) and len(actions) == 1 and np.array_equal(out, plain)
