@@ -70,6 +70,10 @@ class ServoConfig:
     #                           stamp) for this long so a step the arm could not finish in one period
     #                           completes before the safety node's command watchdog holds; 0 = off
     keepalive_period: float = 0.2  # [s] re-send period during settle_time
+    # node: drop twists / gripper commands while nothing subscribes to magma/joint_command. A command
+    # published before DDS has matched the safety node is lost, and in target mode the servo's target
+    # would then run ahead of the arm. False for consumers that do not show up as subscribers.
+    require_subscriber: bool = True
 
     def validate(self) -> ServoConfig:
         """Raise ConfigError on values that make no sense; return self."""

@@ -58,7 +58,16 @@ def make_node():
             if not self.servo.update_state(list(msg.name), list(msg.position), self.now()):
                 self._note("joint states without all arm joints (or NaN)", warn=True)
 
+        def connected(self) -> bool:
+            """Whether a command would reach the safety node (a matched subscriber), else say so."""
+            if not self.cfg.require_subscriber or self.pub.get_subscription_count() > 0:
+                return True
+            self._note(f"no subscriber on '{self.pub.topic_name}' yet (safety not connected): dropped", warn=True)
+            return False
+
         def on_twist(self, msg) -> None:
+            if not self.connected():
+                return
             frame = msg.header.frame_id
             if frame and frame.lstrip("/") != self.robot.base_link:
                 self._note(f"twist in frame '{frame}', expected '{self.robot.base_link}' "
@@ -77,6 +86,8 @@ def make_node():
                     "policy use the same step_period? (each twist is applied for step_period)")
 
         def on_gripper(self, msg) -> None:
+            if not self.connected():
+                return
             res = self.servo.on_gripper(msg.data, 0.0, self.now())  # Float64 has no stamp: "now"
             if res.reason != "gripper unchanged":
                 self._handle(res)

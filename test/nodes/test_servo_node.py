@@ -24,7 +24,7 @@ def stamp_of(t: float):
 class Probe:
     """Publishes joint states continuously while waiting; collects servo output."""
 
-    def __init__(self, node, rb, sim_time: float | None = None):
+    def __init__(self, node, rb, sim_time: float | None = None, listen: bool = True):
         from geometry_msgs.msg import TwistStamped
         from rosgraph_msgs.msg import Clock
         from sensor_msgs.msg import JointState
@@ -40,8 +40,12 @@ class Probe:
         self.tw_pub = node.create_publisher(TwistStamped, "magma/ee_twist", 10)
         self.g_pub = node.create_publisher(Float64, "magma/gripper", 10)
         self.clock_pub = node.create_publisher(Clock, "/clock", 10)
-        node.create_subscription(JointTrajectory, "magma/joint_command", self.cmds.append, 10)
-        self._JS, self._TW, self._F, self._C = JointState, TwistStamped, Float64, Clock
+        self._JS, self._TW, self._F, self._C, self._JT = JointState, TwistStamped, Float64, Clock, JointTrajectory
+        if listen:  # else the test subscribes later (`listen()`)
+            self.listen()
+
+    def listen(self):
+        self.node.create_subscription(self._JT, "magma/joint_command", self.cmds.append, 10)
 
     def now(self) -> float:
         if self.sim_time is not None:
@@ -140,3 +144,37 @@ def test_servo_node_honours_use_sim_time(nodes, rclpy_node):
     assert probe.wait(lambda: len(probe.cmds) >= 1, 10.0), nodes.dump()
     stamp = to_s(probe.cmds[0].header.stamp)
     assert 1000.0 < stamp <= probe.now() + 1e-6
+
+
+def test_servo_node_drops_steps_until_the_safety_node_listens(nodes, rclpy_node):
+    """Nothing subscribed to magma/joint_command: a twist is dropped, not applied into the void (its
+    target would run ahead of the arm), and diagnostics say why; once a subscriber is matched the
+    next twist is one step from where the arm is — the dropped one left no trace."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    rb = load_robot("fr3")
+    kin = Kinematics(rb)
+    diags = []
+    rclpy_node.create_subscription(DiagnosticArray, "diagnostics",
+                                   lambda m: diags.extend(s for s in m.status if "servo" in s.name), 10)
+    # target mode: each step is applied to the previous target, so a step sent into the void would
+    # show up as a second step later
+    proc = nodes.start("servo", {"robot": "fr3", "step_period": T, "delta_mode": "target"})
+    probe = Probe(rclpy_node, rb, listen=False)
+    ready(probe, nodes, proc)
+    v, w = (0.04, 0.0, 0.0), (0.0, 0.0, 0.0)
+    probe.twist(v, w, probe.now())
+    assert probe.wait(lambda: diags and "no subscriber" in diags[-1].message, 10.0), nodes.dump()
+    values = {kv.key: kv.value for kv in diags[-1].values}
+    assert values["applied"] == "0" and values["command_subscribers"] == "0"
+    probe.listen()
+    assert probe.wait(lambda: diags and {kv.key: kv.value for kv in diags[-1].values}["command_subscribers"] != "0",
+                      20.0), nodes.dump()
+    probe.twist(v, w, probe.now())
+    assert probe.wait(lambda: len(probe.cmds) >= 1, 10.0), nodes.dump()
+    q = np.array(probe.cmds[0].points[-1].positions[:7])
+    want = kin.fk(rb.home)
+    want[:3, 3] += np.array(v) * T  # one step, not two
+    dp, _ = pose_error(want, kin.fk(q))
+    assert np.linalg.norm(dp) < 2e-4
+    assert proc.poll() is None
