@@ -498,13 +498,11 @@ def merge_one_image_per_row(model: nn.Module, vision, input_ids: Tensor, attenti
     if crops.is_cuda:
         crops = crops.contiguous(memory_format=torch.channels_last)  # NHWC convolutions
     if nhwc:
-        x = vision(crops, upsample) if upsample != 1 else vision(crops)
+        x = vision(crops, upsample)  # (N, h, w, C)
     else:
         from magma_ros.model.processor import upsample_pixels
 
-        x = vision(upsample_pixels(crops[:, None], upsample)[:, 0])
-    if not nhwc:
-        x = x.permute(0, 2, 3, 1)  # (N, h, w, C)
+        x = vision(upsample_pixels(crops[:, None], upsample)[:, 0]).permute(0, 2, 3, 1)  # (N, h, w, C)
     x = model.multi_modal_projector(x)  # (N, h, w, H)
     h, w, H = x.shape[1:]
     ids_d = input_ids.to(dev)
@@ -662,13 +660,12 @@ class FastGenerator:
                  pixel_upsample: int = 1, sampling: Sampling | None = None) -> Tensor:
         """Greedy tokens (B, n), n ≤ max_new_tokens (shorter only when every row hit EOS, as ``generate``).
 
-        ``sampling``: draw each token from the tempered (top-k) softmax instead (:class:`Sampling`).
-
         ``allowed_token_ids``: ids the argmax may pick at every step, or one entry per step
         (None = unconstrained at that step), e.g. the 256 action ids for the 7 action positions.
         ``pixel_upsample``: the ``upsample`` of `preprocess_fast` (2: ``pixel_values`` are the
         normalized frames before the processor's exact 2x resize, which the NHWC tower folds into
         its stem; any other path performs the resize first).
+        ``sampling``: draw each token from the tempered (top-k) softmax instead (:class:`Sampling`).
         """
         e = self.engine
         if attention_mask is None:

@@ -199,7 +199,10 @@ class MagmaPolicy:
             from magma_ros.model.fast import Sampling
 
             gen = torch.Generator(device=self.model.device)
-            gen.manual_seed(int(seed)) if seed is not None else gen.seed()
+            if seed is not None:
+                gen.manual_seed(int(seed))
+            else:
+                gen.seed()  # a non-deterministic seed
             self._sampling = Sampling(self.temperature, self.top_k, gen)
 
     @classmethod
@@ -239,10 +242,10 @@ class MagmaPolicy:
 
     # ------------------------------------------------------------------ generation
     def _batch(self, texts: list[str], images_per_row: list[list[np.ndarray]], robot: bool):
+        """-> input_ids (B, T), mask (B, T), pixel values, image_sizes (B, n_images, 2), upsample."""
         import torch
 
         from magma_ros.model.processor import collate, preprocess, preprocess_robot, preprocess_robot_fast
-        # -> input_ids (B, T), mask (B, T), pixel values, image_sizes (B, n_images, 2), upsample
 
         ids = [self._encode(t) for t in texts]
         n = max(len(r) for r in ids)
