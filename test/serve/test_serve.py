@@ -218,3 +218,14 @@ def test_client_timeout_disconnect_and_reconnect(image):
         c.infer({"image": image, "instruction": "0"})
     with pytest.raises(RemotePolicyError, match="cannot connect"):
         RemotePolicy("127.0.0.1", port, timeout=1).infer({"image": image, "instruction": "0"})
+
+
+def test_server_flags_reach_the_policy(tiny_checkpoint, capsys):
+    """`magma-ros serve` passes its decoding flags to MagmaPolicy: a bad one is a one-line error, exit 2."""
+    from magma_ros.serve.server import main
+
+    assert main(["--model", str(tiny_checkpoint), "--device", "cpu", "--temperature", "-0.5"]) == 2
+    assert "error: temperature must be >= 0" in capsys.readouterr().out
+    assert main(["--model", str(tiny_checkpoint), "--device", "cpu", "--temperature", "0.7",
+                 "--top-k", "-3"]) == 2
+    assert "error: top_k must be >= 0" in capsys.readouterr().out
