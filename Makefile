@@ -7,7 +7,7 @@ export FASTDDS_BUILTIN_TRANSPORTS ?= LARGE_DATA
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 
-.PHONY: setup demo test lint colcon-check bench clean
+.PHONY: setup aux-venvs demo test lint colcon-check bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -15,9 +15,12 @@ setup:
 demo: setup
 	$(PY) -m magma_ros.demo $(DEMO_ARGS)
 
-test: setup
+test: setup aux-venvs
 	$(PY) -m ruff check magma_ros test benchmarks
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+aux-venvs:
+	@for f in test/aux_venvs/*.txt; do [ -e "$$f" ] || continue; bash scripts/aux_venv.sh $$(basename $$f .txt) >/dev/null; done
 
 lint: setup
 	$(PY) -m ruff check magma_ros test benchmarks

@@ -142,6 +142,18 @@ def rclpy_node(ros_env):
     rclpy.shutdown(context=ctx)
 
 
+def aux_python(name: str) -> str:
+    """The python of the second venv ``name`` (test/aux_venvs/NAME.txt), built on first use.
+
+    Real third-party readers and clients that pin other versions (LeRobot, openpi-client) live
+    there; a failure to build it fails the test that needs it (never a skip).
+    """
+    out = subprocess.run(["bash", str(REPO / "scripts" / "aux_venv.sh"), name], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"building the {name} venv failed:\n{out.stderr[-4000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """One small random-weight Magma checkpoint (real format, real Llama-3 tokenizer) shared by the session.
