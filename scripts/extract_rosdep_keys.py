@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_args(argv)
     text, sha = extract(ns.rosdistro, ns.commit)
     ns.out.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.GzipFile(ns.out, "wb", mtime=0) as f:  # mtime 0: the same input gives the same bytes
-        f.write(text.encode())
+    # no name and mtime 0 in the gzip header: the same input gives the same bytes
+    ns.out.write_bytes(gzip.compress(text.encode(), mtime=0))
     n_keys = sum(1 for line in text.splitlines() if line.startswith("key "))
     n_pkgs = sum(1 for line in text.splitlines() if line.startswith("pkg "))
     print(f"{ns.out}: {n_keys} rosdep keys, {n_pkgs} released packages, rosdistro {sha}, "

@@ -35,7 +35,8 @@ def test_package_xml_parses_with_catkin_pkg():
     assert pkg.package_format == 3
     assert pkg.name == PKG
     assert pkg.get_build_type() == "ament_python"
-    assert "ament_python" in {d.name for d in pkg.buildtool_depends}
+    # the build type is declared in <export> only: ament_python is no package or rosdep key (test_rosdep.py)
+    assert "ament_python" not in {d.name for d in pkg.buildtool_depends}
     exec_depends = {d.name for d in pkg.exec_depends}
     missing = set(REQUIRED_EXEC_DEPENDS) - exec_depends
     assert not missing, f"package.xml lacks exec_depend {sorted(missing)}"
@@ -80,6 +81,43 @@ def _check_data(share: Path) -> None:
         assert (share / "urdf" / f"{robot}.urdf").is_file()
 
 
+def _launch_needs() -> tuple[set[str], set[str]]:
+    """(magma_ros executables, share-relative files) that the source launch files refer to."""
+    import yaml
+
+    execs, files = set(), set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("pkg") == PKG and isinstance(node.get("exec"), str):
+                execs.add(node["exec"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, str):
+            files.update(re.findall(r"\$\(find-pkg-share " + PKG + r"\)/([\w./-]+)", node))
+
+    for f in (REPO / "launch").glob("*.launch.*"):
+        walk(yaml.safe_load(f.read_text()))
+    return execs, files
+
+
+def _check_launch_needs(prefix: Path, share: Path) -> None:
+    """Every launch file, every magma_ros executable and share file the launch files name, is installed."""
+    execs, files = _launch_needs()
+    assert execs >= {f"magma_ros_{n}" for n in ("sim", "safety", "servo", "policy", "camera")}
+    assert files, "the launch files name no $(find-pkg-share magma_ros) file (the parser above is wrong)"
+    for exe in execs:
+        p = prefix / "lib" / PKG / exe
+        assert p.is_file() and os.access(p, os.X_OK), f"launch files run {exe}, not installed at {p}"
+    for rel in files:
+        assert (share / rel).is_file(), f"launch files use $(find-pkg-share {PKG})/{rel}, not installed"
+    src = {f.name for f in (REPO / "launch").glob("*.launch.*")}
+    assert {f.name for f in (share / "launch").iterdir()} == src
+
+
 def _check_import_from(site: Path, share: Path, tmp: Path, env: dict) -> None:
     """The installed package (not the checkout) finds its installed data and runs the kinematics."""
     code = ("import magma_ros, sys; from magma_ros.core.robot import load_robot;"
@@ -107,6 +145,7 @@ def test_colcon_build_installs_executables_and_data(tmp_path):
         assert exe.is_file() and os.access(exe, os.X_OK), f"{exe} missing or not executable"
     share = prefix / "share" / PKG
     _check_data(share)
+    _check_launch_needs(prefix, share)
     assert (prefix / "share" / "ament_index" / "resource_index" / "packages" / PKG).is_file()
     sites = list(prefix.glob(f"lib/python3*/site-packages/{PKG}/core/kinematics.py"))
     assert sites, "Python package not installed"
