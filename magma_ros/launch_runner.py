@@ -261,6 +261,7 @@ class ProcessSpec:
     required: bool = False  # on_exit: shutdown
     respawn: bool = False
     respawn_delay: float = 0.0  # [s]
+    respawn_max_retries: int = -1  # respawns allowed; negative: no limit (launch's default)
     sigterm_timeout: float = 5.0  # [s] after SIGINT before SIGTERM
     sigkill_timeout: float = 5.0  # [s] after SIGTERM before SIGKILL
     cwd: str | None = None
@@ -319,16 +320,23 @@ def node_modules() -> list[str]:
     return sorted(p.stem for p in d.glob("*.py") if not p.stem.startswith("_"))
 
 
-def find_package_share(pkg: str) -> Path:
+def package_prefix(pkg: str, env: dict | None = None) -> Path:
+    """Install prefix of ``pkg`` from the ament index under ``AMENT_PREFIX_PATH`` (ament_index_python's
+    ``get_package_prefix``); raises with its ``PackageNotFoundError`` message, which ``ros2 launch`` prints."""
+    paths = [x for x in (os.environ if env is None else env).get("AMENT_PREFIX_PATH", "").split(os.pathsep) if x]
+    for prefix in paths:
+        if Path(prefix, "share", "ament_index", "resource_index", "packages", pkg).is_file():
+            return Path(prefix)
+    raise ConfigError(f"package '{pkg}' not found, searching: {paths}")
+
+
+def find_package_share(pkg: str, env: dict | None = None) -> Path:
     """Share directory of ``pkg``: this package's data, or an ament index entry."""
     if pkg == PACKAGE:
         from magma_ros.core.paths import share_dir
 
         return share_dir()
-    for prefix in filter(None, os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep)):
-        if Path(prefix, "share", "ament_index", "resource_index", "packages", pkg).exists():
-            return Path(prefix, "share", pkg)
-    raise ConfigError(f"package '{pkg}' not found (not {PACKAGE} and not in AMENT_PREFIX_PATH)")
+    return package_prefix(pkg, env) / "share" / pkg
 
 
 def _ros_value(v):
@@ -336,6 +344,109 @@ def _ros_value(v):
     if isinstance(v, bool):
         return "true" if v else "false"
     return yaml.safe_dump(v, default_flow_style=True, width=float("inf")).strip().removesuffix("...").strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter typing: launch_ros's rules (frontend/parse_substitution.py parse_if_substitutions,
+# utilities/type_utils.py normalize/perform_typed_substitution, launch_ros evaluate_parameter_dict)
+# --------------------------------------------------------------------------------------------
+
+_SCALARS = (int, float, bool, str)  # launch's ScalarTypesTuple
+# `type:` of a node `param` (launch/frontend/type_utils.py): None = YAML rules; else (scalar type, is list)
+_PARAM_TYPES: dict[str, tuple[type, bool] | None] = {
+    "str": (str, False), "bool": (bool, False), "float": (float, False), "int": (int, False),
+    "list_of_str": (str, True), "list_of_bool": (bool, True), "list_of_float": (float, True),
+    "list_of_int": (int, True), "yaml": None}
+
+
+def _type_text(dtype) -> str:
+    """How launch prints a data type in its errors ('None', "<class 'float'>", 'typing.List[int]')."""
+    if dtype is None:
+        return "None"
+    t, is_list = dtype
+    return f"typing.List[{t.__name__}]" if is_list else f"<class '{t.__name__}'>"
+
+
+def _uniform(value, can_be_str: bool) -> bool:
+    """launch's ``is_instance_of_valid_type``: a scalar, or a list whose items share the first non-str type."""
+    if isinstance(value, list):
+        if not value:
+            return True
+        member = next((type(x) for x in value if type(x) is not str), str)
+        if member not in _SCALARS:
+            return False
+        valid = (member, str) if can_be_str else member
+        return all(isinstance(x, valid) for x in value)
+    return isinstance(value, _SCALARS)
+
+
+def _is_instance(value, dtype, can_be_str: bool) -> bool:
+    """launch's ``is_instance_of`` (``isinstance(True, int)`` holds there too)."""
+    if dtype is None:
+        return _uniform(value, can_be_str)
+    t, is_list = dtype
+    types = (str, t) if can_be_str else t
+    if not is_list:
+        return isinstance(value, types)
+    return isinstance(value, list) and all(isinstance(x, types) for x in value)
+
+
+def _yaml_value(text: str, what: str):
+    """launch's ``coerce_to_type(text, None)``: YAML rules; the result must be a scalar or a uniform list."""
+    if not text:
+        return text
+    try:
+        out = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: failed to convert '{text}' using yaml rules: yaml.safe_load() failed "
+                          f"({str(e).splitlines()[0]})") from None
+    if not _uniform(out, can_be_str=False):
+        raise ConfigError(f"{what}: failed to convert '{text}' using yaml rules: output type is not allowed, "
+                          f"got {type(out)} (a parameter is a scalar or a uniform list; ros2 launch rejects "
+                          f"it too: quote ': ' / '#' inside the value)")
+    return out
+
+
+def _coerce(text: str, dtype, what: str):
+    """launch's ``coerce_to_type(text, dtype)`` (``can_be_str=False``, as ``ParameterValue`` uses it)."""
+    if dtype is None:
+        return _yaml_value(text, what)
+    t, is_list = dtype
+    if is_list:
+        out = _yaml_value(text, what)
+        if not isinstance(out, list) or not all(isinstance(x, t) for x in out):
+            raise ConfigError(f"{what}: cannot convert value '{text}' to a list of '{t}'")
+        return out
+    if t is str:
+        return text
+    if t in (int, float):
+        try:
+            return t(text)
+        except ValueError:
+            raise ConfigError(f"{what}: cannot convert value '{text}' to {t}") from None
+    out = _yaml_value({"1": "true", "0": "false"}.get(text, text), what)
+    if not isinstance(out, bool):
+        raise ConfigError(f"{what}: cannot convert value '{text}' to '{t}'")
+    return out
+
+
+def _global_param_value(text: str, name: str, where: str):
+    """A ``set_parameter`` value as launch_ros's ``evaluate_parameter_dict`` types it: always YAML-parsed
+    (``"true"`` is a bool, ``"10"`` an int); a list must be non-empty and of one item type."""
+    try:
+        y = yaml.safe_load(text or "''")
+    except yaml.YAMLError:
+        raise ConfigError(f"{where}: unable to parse the value of parameter {name} as yaml ('{text}')") from None
+    if type(y) in (bool, int, float, str):
+        return y
+    if isinstance(y, list):
+        if not (y and type(y[0]) in _SCALARS and all(isinstance(x, type(y[0])) for x in y)):
+            raise ConfigError(f"{where}: expected a non-empty sequence, with items of uniform type. Allowed "
+                              f"sequence item types are bool, int, float, str. Got inconsistent input for "
+                              f"\"{name}\" ('{text}')")
+        return y
+    raise ConfigError(f"{where}: allowed value types are bool, int, float, str, Sequence[bool], Sequence[int], "
+                      f"Sequence[float], Sequence[str]. Got {type(y)} for \"{name}\" ('{text}')")
 
 
 class _Scope:
@@ -416,10 +527,10 @@ class _Planner:
             return (args[1] if n > 1 else "") if _truth(args[0], "$(if)") else (args[2] if n > 2 else "")
         if s.name == "find-pkg-share":
             need(1)
-            return str(find_package_share(args[0]))
+            return str(find_package_share(args[0], scope.env))
         if s.name == "find-pkg-prefix":
             need(1)
-            return str(find_package_share(args[0]).parent.parent)
+            return str(find_package_share(args[0], scope.env).parent.parent)
         if s.name == "find-exec":
             need(1)
             p = shutil.which(args[0])
@@ -451,18 +562,42 @@ class _Planner:
             if k not in allowed:
                 raise ConfigError(f"{self.where()}: unexpected key '{k}' in '{kind}'; valid: "
                                   f"{', '.join(sorted(allowed))}")
-            typed = (kind, k) in _BOOL_ATTRS or (kind, k) == ("set_parameter", "value")
-            if k in _LIST_ATTRS or k in _NUM_ATTRS or typed:
+            if k in _NUM_ATTRS:
+                self.check_number(kind, k, v)
+                continue
+            if (kind, k) in _BOOL_ATTRS and not isinstance(v, (bool, str)):
+                raise ConfigError(f"{self.where()}: '{kind}' attribute '{k}' must be true/false, got "
+                                  f"{type(v).__name__} {v!r} (ros2 launch: TypeError: Attribute '{k}' of Entity "
+                                  f"'{kind}' expected to be of type '<class 'bool'>', got '{type(v)}')")
+            if k in _LIST_ATTRS or (kind, k) in _BOOL_ATTRS:
                 continue
             if not isinstance(v, str):
                 raise ConfigError(f"{self.where()}: '{kind}' attribute '{k}' must be a string, got "
-                                  f"{type(v).__name__} {v!r} (quote it in YAML)")
+                                  f"{type(v).__name__} {v!r} (quote it in YAML; ros2 launch: TypeError: "
+                                  f"Attribute '{k}' of Entity '{kind}' expected to be of type "
+                                  f"'<class 'str'>', got '{type(v)}')")
         for k in _LIST_ATTRS & attrs.keys():
             v = attrs[k]
             if not (isinstance(v, list) and v and all(isinstance(e, dict) for e in v)):
                 raise ConfigError(f"{self.where()}: '{kind}' attribute '{k}' must be a list of mappings")
         if "if" in attrs and "unless" in attrs:
             raise ConfigError(f"{self.where()}: '{kind}' cannot have both 'if' and 'unless'")
+
+    def check_number(self, kind: str, k: str, v) -> None:
+        """``respawn_delay`` / ``sigterm_timeout`` / ``sigkill_timeout``: a YAML float (launch reads them with
+        ``data_type=float`` and compares with 0.0, so an int or a string fails); ``respawn_max_retries``:
+        a YAML int."""
+        want = int if k == "respawn_max_retries" else float
+        if isinstance(v, want) and not isinstance(v, bool):
+            if want is float and v < 0:
+                raise ConfigError(f"{self.where()}: Attribute {k} of Entity {kind} expected to be a non-negative "
+                                  f"value but got `{v}`")
+            return
+        example = "3" if want is int else "2.0"
+        real = ("'<' not supported between instances of 'str' and 'float'" if isinstance(v, str) and want is float
+                else f"Attribute '{k}' of Entity '{kind}' expected to be of type '{want}', got '{type(v)}'")
+        raise ConfigError(f"{self.where()}: '{kind}' attribute '{k}' must be a YAML {want.__name__} such as "
+                          f"{k}: {example}, got {type(v).__name__} {v!r} (ros2 launch: TypeError: {real})")
 
     def where(self) -> str:
         return str(self.file_stack[-1]) if self.file_stack else "<launch>"
@@ -586,7 +721,9 @@ class _Planner:
         _validate_ns(scope.state["ns"])
 
     def e_set_parameter(self, a, scope):
-        scope.state["params"].append((self.sub(a["name"], scope), self.param_value(a["value"], scope)))
+        name = self.sub(a["name"], scope)
+        value = _global_param_value(self.sub(a["value"], scope), name, f"{self.where()}: set_parameter")
+        scope.state["params"].append((name, value))
 
     def e_set_parameters_from_file(self, a, scope):
         scope.state["params"].append(self.param_file(a["filename"], scope))
@@ -598,29 +735,54 @@ class _Planner:
         value = _truth(self.sub(a["value"], scope), "set_use_sim_time")
         scope.state["params"].append(("use_sim_time", value))
 
-    def param_value(self, v, scope):
-        """launch_ros semantics: plain values keep their YAML type; substituted strings are YAML-parsed."""
-        if isinstance(v, list):
-            return [self.param_value(x, scope) for x in v]
-        if not isinstance(v, str):
-            return v
-        parts = parse_substitution(v)
-        text = self.perform(parts, scope)
-        if all(isinstance(p, str) for p in parts):
-            return text
-        if text == "":
-            return ""
-        try:
-            y = yaml.safe_load(text)
-        except yaml.YAMLError:
-            y = {}
-        ok = isinstance(y, (bool, int, float, str)) or (
-            isinstance(y, list) and y and all(type(x) is type(y[0]) for x in y)
-            and isinstance(y[0], (bool, int, float, str)))
-        if not ok:
-            raise ConfigError(f"{self.where()}: parameter value '{text}' is not a YAML scalar or uniform list "
-                              f"(ros2 launch rejects it too); avoid ': ' / '#' or quote it inside the value")
-        return y
+    def param_value(self, v, scope, type_id=None, name: str = ""):
+        """A node ``param`` value, typed as launch_ros types it: a plain value keeps its YAML type (a plain
+        string stays a string), a string with substitutions is YAML-parsed after substitution, a list keeps
+        one item type; ``type:`` (str, bool, int, float, list_of_*, yaml) coerces substituted values."""
+        what = f"{self.where()}: param '{name}'"
+        if type_id is not None and (not isinstance(type_id, str) or type_id not in _PARAM_TYPES):
+            raise ConfigError(f"{what}: got invalid type identifier '{type_id}'; valid: {', '.join(_PARAM_TYPES)}")
+        dtype = _PARAM_TYPES[type_id] if type_id is not None else None
+        if not _is_instance(v, dtype, can_be_str=True):
+            raise ConfigError(f"{what}: Attribute 'value' of Entity 'param' expected to be of type "
+                              f"'{_type_text(dtype)}', got '{type(v)}' (a scalar or a list of one item type)")
+        kinds = set()
+
+        def parse_if(x):  # parse_if_substitutions: plain text -> str, substitutions -> parts
+            if isinstance(x, str):
+                parts = parse_substitution(x)
+                if all(isinstance(q, str) for q in parts):
+                    kinds.add(str)
+                    return "".join(parts)
+                return parts
+            kinds.add(type(x))
+            return x
+
+        is_sub = lambda x: isinstance(x, list)  # noqa: E731 - parsed substitution parts
+        value = [parse_if(x) for x in v] if isinstance(v, list) else parse_if(v)
+        if len(kinds) > 1:
+            raise ConfigError(f"{what}: the result is a non-uniform list ({v!r}; ros2 launch: ValueError)")
+        if not isinstance(v, list):
+            if is_sub(value):
+                return _coerce(self.perform(value, scope), dtype, what)
+            if dtype is not None and not _is_instance(value, dtype, can_be_str=False):
+                raise ConfigError(f"{what}: value='{value}' is not an instance of {_type_text(dtype)}")
+            return value
+        scalar = None
+        if dtype is not None:
+            scalar, is_list = dtype
+            if not is_list:
+                raise ConfigError(f"{what}: the provided value resolves to a list, though the required type is "
+                                  f"a scalar ({_type_text(dtype)})")
+        plain = {type(x) for x in value if not is_sub(x)}  # at most one type (checked above)
+        if plain and scalar not in (None, *plain):
+            raise ConfigError(f"{what}: got a list of '{plain.pop().__name__}', expected a list of '{scalar}'")
+        out = [_coerce(self.perform(x, scope), (scalar, False) if scalar else None, what) if is_sub(x) else x
+               for x in value]
+        if not _is_instance(out, None if dtype is None else dtype, can_be_str=False):
+            raise ConfigError(f"{what}: the output list " + (f"does not match the expected type {scalar}"
+                              if scalar else "is not uniform") + f" ({out!r}; ros2 launch: ValueError)")
+        return out
 
     def param_file(self, f, scope) -> str:
         p = Path(self.sub(f, scope))
@@ -645,13 +807,22 @@ class _Planner:
                 bad = sorted(keys - {"name", "value", "param", "type"})
                 raise ConfigError(f"{self.where()}: unexpected key(s) {bad} in param '{e['name']}'")
             name = prefix + self.sub(e["name"], scope)
+            if "param" in e and "value" in e:
+                raise ConfigError(f"{self.where()}: param '{name}': nested parameters and value attributes are "
+                                  f"mutually exclusive")
+            if "param" in e and "type" in e:
+                raise ConfigError(f"{self.where()}: param '{name}': nested parameters and type attributes are "
+                                  f"mutually exclusive")
             if "param" in e:
+                if not (isinstance(e["param"], list) and e["param"] and all(isinstance(x, dict) for x in e["param"])):
+                    raise ConfigError(f"{self.where()}: param '{name}': nested 'param' must be a list of mappings")
                 for d in self.node_params(e["param"], scope, prefix=name + "."):
                     out.append(d)
             elif "value" in e:
-                out.append({name: self.param_value(e["value"], scope)})
+                out.append({name: self.param_value(e["value"], scope, e.get("type"), name)})
             else:
-                raise ConfigError(f"{self.where()}: param '{name}' needs a 'value'")
+                raise ConfigError(f"{self.where()}: param '{name}': either a value attribute or nested params "
+                                  f"are needed")
         return out
 
     def label(self, base: str) -> str:
@@ -668,15 +839,9 @@ class _Planner:
             spec.required = True
         if "respawn" in a:
             spec.respawn = _truth(self.sub(a["respawn"], scope), "respawn")
-        for k in ("respawn_delay", "sigterm_timeout", "sigkill_timeout"):
-            if k in a:
-                try:
-                    v = float(a[k])
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{self.where()}: {k} must be a number, got {a[k]!r}") from None
-                if v < 0:
-                    raise ConfigError(f"{self.where()}: {k} must be non-negative, got {v}")
-                setattr(spec, k, v)
+        for k in ("respawn_delay", "sigterm_timeout", "sigkill_timeout", "respawn_max_retries"):
+            if k in a:  # types checked in check_number()
+                setattr(spec, k, a[k])
         if "cwd" in a:
             spec.cwd = self.sub(a["cwd"], scope)
         env = dict(scope.env)
@@ -699,7 +864,10 @@ class _Planner:
         self.proc_common(a, scope, spec)
         self.processes.append(spec)
 
-    def resolve_exec(self, pkg: str, exe: str) -> list[str] | None:
+    def resolve_exec(self, pkg: str, exe: str, env: dict) -> list[str] | None:
+        """argv of a node's executable, as launch_ros's ExecutableInPackage finds it: ``<prefix>/lib/<pkg>/<exe>``
+        of the package's ament index prefix (a missing package or executable is an error, as under
+        ``ros2 launch``); without ``pkg``, ``exe`` on PATH (None when absent: the node is skipped)."""
         for key in (f"{pkg}/{exe}", exe):
             if key in self.exec_map:
                 return list(self.exec_map[key])
@@ -711,12 +879,14 @@ class _Planner:
                     f"{PACKAGE}.nodes.{exe[len(PACKAGE) + 1:]}") is not None:
                 return [self.python, "-m", f"{PACKAGE}.nodes.{exe[len(PACKAGE) + 1:]}"]
             choose(exe, [f"{PACKAGE}_{m}" for m in mods], f"executable of package {PACKAGE}")
-        for prefix in filter(None, os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep)):
-            p = Path(prefix, "lib", pkg, exe)
-            if p.is_file() and os.access(p, os.X_OK):
-                return [str(p)]
-        p = shutil.which(exe)
-        return [p] if p else None
+        if not pkg:
+            p = shutil.which(exe, path=env.get("PATH"))
+            return [p] if p else None
+        libexec = package_prefix(pkg, env) / "lib" / pkg
+        p = libexec / exe
+        if not (p.is_file() and os.access(p, os.X_OK)):
+            raise ConfigError(f"executable '{exe}' not found on the libexec directory '{libexec}'")
+        return [str(p)]
 
     def e_node(self, a, scope):
         if "exec" not in a:
@@ -730,11 +900,10 @@ class _Planner:
         ns = _absolute_ns(_prefix_ns(scope.state["ns"], ns))
         if ns is not None:
             _validate_ns(ns)
-        base = self.resolve_exec(pkg, exe)
+        base = self.resolve_exec(pkg, exe, scope.env)
         label = name or exe
         if base is None:
-            self.skipped.append(f"skipping node '{label}' ({pkg}/{exe}): executable not found here "
-                                f"(not installed; no AMENT_PREFIX_PATH lib/{pkg}/{exe} and not on PATH)")
+            self.skipped.append(f"skipping node '{label}': executable '{exe}' not found on PATH")
             return
         args = shlex.split(self.sub(a["args"], scope)) if "args" in a else []
         spec = ProcessSpec(label=self.label(label), cmd=[], env={}, package=pkg, executable=exe,
@@ -942,16 +1111,19 @@ class LaunchRunner:
     def _watch(self) -> None:
         specs = {s.label: s for s in self.plan.processes}
         respawn_at: dict[str, float] = {}
+        respawns: dict[str, int] = {}
         while not self._stopping.is_set():
             for label, proc in list(self.processes.items()):
                 if label in self.exit_codes or proc.poll() is None:
                     continue
                 rc = proc.returncode
                 spec = specs[label]
-                if spec.respawn and not self._stopping.is_set():
+                left = spec.respawn_max_retries < 0 or respawns.get(label, 0) < spec.respawn_max_retries
+                if spec.respawn and left and not self._stopping.is_set():
                     t = respawn_at.setdefault(label, time.monotonic() + spec.respawn_delay)
                     if time.monotonic() >= t:
                         respawn_at.pop(label)
+                        respawns[label] = respawns.get(label, 0) + 1
                         self.say(f"process has died [pid {proc.pid}, exit code {rc}]: {label}; respawning")
                         self._spawn(spec)
                     continue

@@ -71,11 +71,10 @@ def test_substitutions_conditions_and_scoping(tmp_path, monkeypatch):
             file: $(dirname)/inner.launch.yaml
             arg: [{name: who, value: "$(var robot)"}]
         - node: {pkg: magma_ros_test, exec: talker, name: d, param: [{name: leaked, value: $(var leaked)}]}
-        - node: {pkg: realsense2_camera, exec: realsense2_camera_node, name: camera}
     """)
     p = plan(f, {"robot": "wx250s"}, exec_map=TALKER)
     procs = {s.label: s for s in p.processes}
-    assert list(procs) == ["a", "c", "inner_wx250s", "d"]  # b is off (2.5 > 1), camera skipped
+    assert list(procs) == ["a", "c", "inner_wx250s", "d"]  # b is off (2.5 > 1)
     a = procs["a"].parameters
     # substituted strings are YAML-typed (launch_ros semantics), literal strings stay strings
     assert a["robot"] == "wx250s" and a["rate"] == 2.5 and a["literal"] == "2.5" and a["flag"] is True
@@ -88,7 +87,6 @@ def test_substitutions_conditions_and_scoping(tmp_path, monkeypatch):
     assert "__ns:=/arm1" in procs["c"].cmd and procs["a"].namespace is None
     # include sets its args in the including scope (not scoped, as in ros2 launch)
     assert procs["d"].parameters["leaked"] == "from-inner"
-    assert any("realsense2_camera_node" in s and "not found" in s for s in p.skipped)
     assert p.arguments["robot"] == "wx250s" and p.arguments["rate"] == "2.5"
 
 
@@ -134,6 +132,170 @@ def test_cli_errors_and_show_args(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# launch_yaml / launch_ros rules. Expected outcomes and messages are those of the real launch system
+# (ros2/launch 3.7.1 + launch_ros 0.28 from source, run on these same snippets with a test package in
+# an ament prefix), not of this runner.
+# ---------------------------------------------------------------------------------------------
+
+_REJECTED = [
+    # set_parameter's value is read as a string (get_attr's default data_type=str)
+    ("- set_parameter: {name: use_sim_time, value: true}",
+     r"Attribute 'value' of Entity 'set_parameter' expected to be of type '<class 'str'>', got '<class 'bool'>'"),
+    ("- set_parameter: {name: rate, value: 3}", r"expected to be of type '<class 'str'>', got '<class 'int'>'"),
+    # set_parameter values are YAML-parsed; lists must be non-empty and of one item type; null is no value
+    ("- set_parameter: {name: l, value: \"[1, 2.5]\"}", r"non-empty sequence, with items of uniform type.*\"l\""),
+    ("- set_parameter: {name: l, value: \"null\"}", r"Got <class 'NoneType'> for \"l\""),
+    # node param values: a scalar, or a list whose items share one type (bool is no int here, int no float)
+    ("- node: {pkg: magma_ros_test, exec: talker, param: [{name: p, value: [1, 2.5]}]}",
+     r"Attribute 'value' of Entity 'param' expected to be of type 'None', got '<class 'list'>'"),
+    ("- node: {pkg: magma_ros_test, exec: talker, param: [{name: p, value: [true, 1]}]}",
+     r"Attribute 'value' of Entity 'param' expected to be of type 'None', got '<class 'list'>'"),
+    ("- node: {pkg: magma_ros_test, exec: talker, param: [{name: p, value: [1, \"a\"]}]}", r"non-uniform list"),
+    ("- node: {pkg: magma_ros_test, exec: talker, param: [{name: p, value: [1, true]}]}", r"non-uniform list"),
+    ("- node: {pkg: magma_ros_test, exec: talker, param: [{name: p, value: {a: 1}}]}",
+     r"expected to be of type 'None', got '<class 'dict'>'"),
+    ("- arg: {name: x, default: \"1\"}\n- arg: {name: y, default: a}\n"
+     "- node: {pkg: magma_ros_test, exec: talker, param: [{name: p, value: [\"$(var x)\", \"$(var y)\"]}]}",
+     r"output list is not uniform"),
+    ("- node: {pkg: magma_ros_test, exec: talker, param: [{name: p, value: 1, type: list_of_int}]}",
+     r"expected to be of type 'typing.List\[int\]', got '<class 'int'>'"),
+    ("- node: {pkg: magma_ros_test, exec: talker, param: [{name: p, value: \"5\", type: int}]}",
+     r"value='5' is not an instance of <class 'int'>"),
+    ("- node: {pkg: magma_ros_test, exec: talker, param: [{name: p, value: 1, type: integer}]}",
+     r"invalid type identifier 'integer'"),
+    ("- node: {pkg: magma_ros_test, exec: talker, param: [{name: p, value: }]}",
+     r"expected to be of type 'None', got '<class 'NoneType'>'"),
+    ("- node: {pkg: magma_ros_test, exec: talker, param: [{name: p}]}",
+     r"either a value attribute or nested params are needed"),
+    # respawn_delay / sigterm_timeout / sigkill_timeout: data_type=float, then compared with 0.0
+    ("- node: {pkg: magma_ros_test, exec: talker, respawn: \"true\", respawn_delay: \"2.0\"}",
+     r"'<' not supported between instances of 'str' and 'float'"),
+    ("- node: {pkg: magma_ros_test, exec: talker, respawn: \"true\", respawn_delay: 2}",
+     r"Attribute 'respawn_delay' of Entity 'node' expected to be of type '<class 'float'>', got '<class 'int'>'"),
+    ("- node: {pkg: magma_ros_test, exec: talker, respawn_delay: -1.0}",
+     r"Attribute respawn_delay of Entity node expected to be a non-negative value but got `-1.0`"),
+    ("- executable: {cmd: \"true\", sigterm_timeout: \"1.0\"}", r"'<' not supported between instances of 'str'"),
+    ("- executable: {cmd: \"true\", shell: 1}", r"expected to be of type '<class 'bool'>'"),
+]
+
+
+@pytest.mark.parametrize("text, match", _REJECTED, ids=[f"rejected{i}" for i in range(len(_REJECTED))])
+def test_what_ros2_launch_rejects_is_rejected(tmp_path, text, match):
+    from magma_ros.core.errors import ConfigError
+    from magma_ros.launch_runner import plan
+
+    f = write(tmp_path, "bad.launch.yaml", "launch:\n" + text + "\n")
+    with pytest.raises(ConfigError, match=match) as e:
+        plan(f, exec_map=TALKER)
+    assert "\n" not in str(e.value)
+
+
+def test_parameters_are_typed_as_launch_ros_types_them(tmp_path):
+    from magma_ros.launch_runner import plan
+
+    f = write(tmp_path, "typed.launch.yaml", """
+        launch:
+        - arg: {name: x, default: "1"}
+        - set_parameter: {name: use_sim_time, value: "true"}
+        - set_parameter: {name: rate, value: "10"}
+        - set_parameter: {name: label, value: fr3}
+        - set_parameter: {name: empty, value: ""}
+        - node:
+            pkg: magma_ros_test
+            exec: talker
+            name: n1
+            respawn: "true"
+            respawn_delay: 2.0
+            respawn_max_retries: 3
+            sigterm_timeout: 1.5
+            param:
+            - {name: p_plain, value: "true"}
+            - {name: p_int, value: 5}
+            - {name: l_str, value: [a, b]}
+            - {name: l_sub_int, value: ["$(var x)", 2]}
+            - {name: l_bool, value: [true, false]}
+            - {name: l_empty, value: []}
+            - {name: s_sub, value: $(var x)}
+            - {name: s_sub_list, value: "[$(var x), 2]"}
+            - {name: s_empty, value: ""}
+            - {name: t_str, value: $(var x), type: str}
+            - {name: t_float, value: $(var x), type: float}
+            - {name: t_bool, value: $(var x), type: bool}
+    """)
+    (spec,) = plan(f, exec_map=TALKER).processes
+    # set_parameter: always YAML-parsed ("true" is a bool under ros2 launch)
+    assert spec.parameters["use_sim_time"] is True and spec.parameters["rate"] == 10
+    assert spec.parameters["label"] == "fr3" and spec.parameters["empty"] == ""
+    assert "use_sim_time:=true" in spec.cmd and "rate:=10" in spec.cmd
+    # node params: a plain string stays a string, substitutions are YAML-parsed, `type` coerces
+    want = {"p_plain": "true", "p_int": 5, "l_str": ["a", "b"], "l_sub_int": [1, 2], "l_bool": [True, False],
+            "l_empty": [], "s_sub": 1, "s_sub_list": [1, 2], "s_empty": "", "t_str": "1", "t_float": 1.0,
+            "t_bool": True}
+    got = {k: spec.parameters[k] for k in want}
+    assert got == want and type(got["t_float"]) is float and type(got["s_sub"]) is int
+    assert "p_plain:='true'" in spec.cmd and "t_str:='1'" in spec.cmd  # strings on the command line
+    assert (spec.respawn, spec.respawn_delay, spec.respawn_max_retries, spec.sigterm_timeout) == (True, 2.0, 3, 1.5)
+
+
+def test_respawn_max_retries_bounds_the_respawns(tmp_path):
+    from magma_ros.launch_runner import LaunchRunner
+
+    f = write(tmp_path, "respawn.launch.yaml", """
+        launch:
+        - executable: {cmd: "false", name: flaky, respawn: "true", respawn_delay: 0.0, respawn_max_retries: 2}
+    """)
+    out = tmp_path / "out.txt"
+    with open(out, "w") as stream:
+        runner = LaunchRunner(f, log_dir=tmp_path / "logs", stream=stream)
+        runner.start()
+        try:
+            assert runner.wait(timeout=60) == 1  # `false` exits 1: started once, respawned twice, then done
+        finally:
+            runner.stop()
+    assert out.read_text().count("process started with pid") == 3
+
+
+def test_a_node_of_a_missing_package_fails_as_ros2_launch_does(tmp_path):
+    """real.launch.yaml camera:=realsense2_camera without realsense2_camera: ros2 launch fails with
+    ament_index's "package 'realsense2_camera' not found, searching: [...]" and starts nothing."""
+    from magma_ros.core.errors import ConfigError
+    from magma_ros.launch_runner import plan
+
+    other = _ament_prefix(tmp_path / "other", "some_pkg", {})
+    env = dict(os.environ, AMENT_PREFIX_PATH=str(other))
+    args = {"robot": "fr3", "camera": "realsense2_camera", "model": "/m"}
+    with pytest.raises(ConfigError) as e:
+        plan("real.launch.yaml", args, env=env)
+    assert str(e.value) == f"package 'realsense2_camera' not found, searching: ['{other}']"
+    # installed, but without that executable
+    rs = _ament_prefix(tmp_path / "rs", "realsense2_camera", {})
+    env["AMENT_PREFIX_PATH"] = f"{rs}{os.pathsep}{other}"
+    with pytest.raises(ConfigError, match=r"executable 'realsense2_camera_node' not found on the libexec "
+                                          rf"directory '{rs}/lib/realsense2_camera'"):
+        plan("real.launch.yaml", args, env=env)
+    # installed: the node runs from <prefix>/lib/<pkg>/<exec>, in the camera namespace, with its profile
+    _ament_prefix(rs, "realsense2_camera", {"realsense2_camera_node": "true"})
+    cam = {s.label: s for s in plan("real.launch.yaml", args, env=env).processes}["camera"]
+    assert cam.cmd[0] == str(rs / "lib" / "realsense2_camera" / "realsense2_camera_node")
+    assert cam.namespace == "/camera" and cam.parameters["rgb_camera.color_profile"] == "640x480x30"
+    # a substitution naming a missing package says the same
+    f = write(tmp_path, "share.launch.yaml", "launch:\n- let: {name: x, value: \"$(find-pkg-share nope)\"}\n")
+    with pytest.raises(ConfigError, match=r"^package 'nope' not found, searching: \["):
+        plan(f, env=env)
+
+
+def test_cli_fails_on_a_missing_package_and_starts_nothing(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), AMENT_PREFIX_PATH=str(_ament_prefix(tmp_path / "p", "x", {})))
+    r = subprocess.run([sys.executable, "-m", "magma_ros.launch_runner", "real.launch.yaml", "robot:=fr3",
+                        "camera:=realsense2_camera", "--log-dir", str(tmp_path / "logs")],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"[magma_ros] error: package 'realsense2_camera' not found, searching: " \
+                               f"['{tmp_path / 'p'}']"
+    assert "process started" not in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
 # The package's launch files
 # ---------------------------------------------------------------------------------------------
 
@@ -157,8 +319,11 @@ def test_launch_files_follow_launch_yaml_schema(path):
             assert set(attrs) <= _SCHEMA[kind] | {"if", "unless"}, (kind, attrs)
             for k in ("name", "default", "description", "value", "if", "unless", "exec", "pkg", "namespace",
                       "file", "output"):
-                if k in attrs and not (kind == "set_parameter" and k == "value"):
+                if k in attrs:
                     assert isinstance(attrs[k], str), (kind, k, attrs[k])
+            for k in ("respawn_delay", "sigterm_timeout", "sigkill_timeout"):
+                if k in attrs:
+                    assert type(attrs[k]) is float, (kind, k, attrs[k])
             if kind == "group":
                 walk(attrs["children"])
 
@@ -263,7 +428,7 @@ def test_required_exit_and_signal_escalation(ros_env, tmp_path):
         - node: {{pkg: magma_ros_test, exec: talker, name: quitter, on_exit: shutdown,
                  param: [{{name: exit_after, value: 1.5}}, {{name: exit_code, value: 3}}]}}
         - node: {{pkg: magma_ros_test, exec: talker, name: bystander}}
-        - executable: {{cmd: "{stubborn}", name: stubborn, sigterm_timeout: "1.0"}}
+        - executable: {{cmd: "{stubborn}", name: stubborn, sigterm_timeout: 1.0}}
     """)
     runner = LaunchRunner(f, env=ros_env, exec_map=TALKER, log_dir=tmp_path / "logs", echo=False)
     runner.start()
@@ -284,13 +449,9 @@ def test_cli_sigterm_stops_every_child(ros_env, tmp_path):
         - node: {pkg: magma_ros_test, exec: talker, name: one, output: screen}
         - node: {pkg: magma_ros_test, exec: talker, name: two, output: screen}
     """)
-    # the CLI has no exec_map: put the test talker on PATH as a foreign package's executable
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    exe = bindir / "talker"
-    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE} talker \"$@\"\n")
-    exe.chmod(0o755)
-    env = dict(ros_env, PATH=f"{bindir}{os.pathsep}{ros_env['PATH']}", PYTHONPATH=str(REPO))
+    # the CLI has no exec_map: install the test talker as a foreign package in an ament index prefix
+    prefix = _ament_prefix(tmp_path / "prefix", "magma_ros_test", {"talker": f"{sys.executable} {HERE} talker"})
+    env = dict(ros_env, AMENT_PREFIX_PATH=str(prefix), PYTHONPATH=str(REPO))
     p = subprocess.Popen([sys.executable, "-m", "magma_ros.launch_runner", str(f), "--log-dir",
                           str(tmp_path / "logs")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True)
@@ -313,6 +474,19 @@ def test_cli_sigterm_stops_every_child(ros_env, tmp_path):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+
+
+def _ament_prefix(prefix: Path, pkg: str, execs: dict[str, str]) -> Path:
+    """An install prefix as colcon leaves it: the ament index marker and ``lib/<pkg>/<exec>`` scripts."""
+    (prefix / "share" / "ament_index" / "resource_index" / "packages").mkdir(parents=True, exist_ok=True)
+    (prefix / "share" / "ament_index" / "resource_index" / "packages" / pkg).write_text("")
+    (prefix / "share" / pkg).mkdir(exist_ok=True)
+    (prefix / "lib" / pkg).mkdir(parents=True, exist_ok=True)
+    for name, cmd in execs.items():
+        exe = prefix / "lib" / pkg / name
+        exe.write_text(f"#!/bin/sh\nexec {cmd} \"$@\"\n")
+        exe.chmod(0o755)
+    return prefix
 
 
 def _alive(pid: int) -> bool:
