@@ -14,9 +14,16 @@ subset: literals, comparisons, ``and``/``or``/``not``, ``if-else``; no names, ca
 ``not``, ``and``, ``or``, ``equals``, ``not-equals``, ``if``, ``find-pkg-share``, ``find-pkg-prefix``,
 ``find-exec``, ``dirname``, ``filename``, ``anon``. ``command`` (arbitrary shell) is refused.
 
+Parameters are typed as launch_ros types them: ``set_parameter`` values are strings, YAML-parsed
+(``"true"`` is a bool); a node ``param`` value keeps its YAML type (a plain string stays a string), a
+substituted string is YAML-parsed, lists have one item type, ``type:`` coerces.
+
 Processes: ``pkg: magma_ros, exec: magma_ros_<name>`` runs ``python -m magma_ros.nodes.<name>``;
-other packages' executables are looked up under ``AMENT_PREFIX_PATH`` (``lib/<pkg>/<exec>``) and
-``PATH`` and skipped with one log line when absent. Every child runs in its own process group;
+another package's executable is ``<prefix>/lib/<pkg>/<exec>`` of its ament index prefix under
+``AMENT_PREFIX_PATH``; a package or executable that is not installed is an error with launch_ros's
+message (``package 'realsense2_camera' not found, searching: [...]``), as under ``ros2 launch``.
+``executable`` entities (and nodes without ``pkg``) whose command is not on PATH are skipped with one
+log line (``ros2 launch`` logs the error and starts the rest). Every child runs in its own process group;
 Ctrl-C / SIGTERM (or a node with ``on_exit: shutdown``, or a name in ``required``, exiting) stops
 all of them: SIGINT, then SIGTERM after ``sigterm_timeout``, then SIGKILL after ``sigkill_timeout``.
 
