@@ -140,8 +140,9 @@ def test_colcon_build_installs_executables_and_data(tmp_path):
     assert colcon.exists(), "colcon-core is not installed in this environment"
     _run([str(colcon), "build", "--base-paths", "src", "--event-handlers", "console_direct-"], cwd=ws, env=env)
     prefix = ws / "install" / PKG
-    for node in NODES:
-        exe = prefix / "lib" / PKG / f"magma_ros_{node}"
+    # the nodes, and the CLI as `ros2 run magma_ros magma-ros ...` (README: make-tiny-checkpoint)
+    for name in [f"magma_ros_{n}" for n in NODES] + ["magma-ros"]:
+        exe = prefix / "lib" / PKG / name
         assert exe.is_file() and os.access(exe, os.X_OK), f"{exe} missing or not executable"
     share = prefix / "share" / PKG
     _check_data(share)
