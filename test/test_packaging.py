@@ -136,14 +136,17 @@ def test_colcon_build_installs_executables_and_data(tmp_path):
     ws = tmp_path / "ws"
     _copy_sources(ws / "src" / PKG)
     env = _clean_env(tmp_path)
-    colcon = Path(sys.executable).parent / "colcon"
-    assert colcon.exists(), "colcon-core is not installed in this environment"
-    _run([str(colcon), "build", "--base-paths", "src", "--event-handlers", "console_direct-"], cwd=ws, env=env)
+    # as the README says: `python -m colcon build` with the venv's Python
+    _run([sys.executable, "-m", "colcon", "build", "--base-paths", "src", "--event-handlers", "console_direct-"],
+         cwd=ws, env=env)
     prefix = ws / "install" / PKG
     # the nodes, and the CLI as `ros2 run magma_ros magma-ros ...` (README: make-tiny-checkpoint)
     for name in [f"magma_ros_{n}" for n in NODES] + ["magma-ros"]:
         exe = prefix / "lib" / PKG / name
         assert exe.is_file() and os.access(exe, os.X_OK), f"{exe} missing or not executable"
+        # they start with the interpreter colcon ran under (the venv's, where torch & co. are)
+        shebang = Path(exe.read_text().splitlines()[0].removeprefix("#!").split()[0])
+        assert shebang.parent.resolve() == Path(sys.executable).parent.resolve(), (exe, shebang)
     share = prefix / "share" / PKG
     _check_data(share)
     _check_launch_needs(prefix, share)
