@@ -32,7 +32,7 @@ class CameraInfo:
     height: int  # [px]
     frame_id: str  # optical frame name (camera_color_optical_frame)
     parent_frame: str  # robot base link the extrinsic is expressed in
-    T_base_optical: np.ndarray  # (4, 4) optical frame pose in the robot base frame
+    T_base_optical: np.ndarray  # (4, 4) optical frame pose in the robot base frame (at the call)
 
 
 def default_camera(robot_name: str) -> str:
@@ -182,7 +182,16 @@ class ArmSim:
         """Intrinsics and extrinsics of the rendered images."""
         return CameraInfo(K=self.camera.intrinsics(self.width, self.height), width=self.width,
                           height=self.height, frame_id=self.camera.optical_frame,
-                          parent_frame=self.robot.base_link, T_base_optical=self.camera.pose_optical())
+                          parent_frame=self.robot.base_link, T_base_optical=self.camera_pose())
+
+    def camera_pose(self) -> np.ndarray:
+        """4x4 pose of the camera's optical frame in the robot base frame, now (a wrist camera moves)."""
+        self._forward()
+        c = self.info.camera
+        T = np.eye(4)  # MuJoCo camera: looks along -z, y up -> optical: +z forward, y down
+        T[:3, :3] = self.data.cam_xmat[c].reshape(3, 3) @ np.diag([1.0, -1.0, -1.0])
+        T[:3, 3] = self.data.cam_xpos[c]
+        return np.linalg.solve(self._world(self.info.base_body), T)
 
     def snapshot(self, out: mujoco.MjData | None = None) -> mujoco.MjData:
         """Copy of the current state (positions, time) for rendering it elsewhere while physics goes on."""
