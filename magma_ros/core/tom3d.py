@@ -275,3 +275,24 @@ def resample_path(points, spacing: float) -> np.ndarray:
     if np.linalg.norm(p[-1] - out[-1]) > 0 or len(out) == 1:
         out.append(p[-1])
     return np.asarray(out)
+
+
+class DepthBuffer:
+    """The last few aligned depth images by stamp, so a ToM plan finds the depth of *its* colour frame."""
+
+    def __init__(self, size: int = 8):
+        from collections import deque
+
+        self._items: deque = deque(maxlen=int(size))
+
+    def put(self, stamp: float, depth: np.ndarray) -> None:
+        """Store a depth image (H, W) with its header stamp [s]."""
+        self._items.append((float(stamp), depth))
+
+    def match(self, stamp: float, tolerance: float = 0.05) -> np.ndarray | None:
+        """The depth image whose stamp is nearest ``stamp``, if within ``tolerance`` [s]; else None."""
+        items = list(self._items)
+        if not items:
+            return None
+        s, d = min(items, key=lambda it: abs(it[0] - stamp))
+        return d if abs(s - stamp) <= tolerance else None
