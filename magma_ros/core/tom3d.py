@@ -233,11 +233,19 @@ class Plan3D:
         return next((t for t in self.traces if t.mark == mark), None)
 
 
+DEPTH_MODES = ("surface", "interpolate")
+
+
 def traces_to_3d(traces, depth, K, T_base_optical, options: DepthOptions = DepthOptions(),
-                 marks=None, frame_id: str = "") -> Plan3D:
+                 marks=None, frame_id: str = "", starts=None, interpolate=()) -> Plan3D:
     """Pixel traces (list of (T_k, 2), or {mark: (T_k, 2)}) -> :class:`Plan3D` in the base frame.
 
-    ``marks``: the mark id of each trace when a list is given (default 1..K).
+    ``marks``: the mark id of each trace when a list is given (default 1..K). ``starts``: {mark:
+    (3,) base-frame point} known start points (e.g. the TCP for the gripper's mark, whose pixel sees
+    past the fingers), used instead of the depth at the trace's first pixel. ``interpolate``: marks
+    whose intermediate points are not put on the surface seen at their pixel but on their pixel's
+    ray at a camera depth interpolated (by index) between the start and the last point (depth-mode
+    ``interpolate``: a gripper moving through free space to the surface it will reach).
     """
     if isinstance(traces, dict):
         items = sorted(traces.items())
@@ -246,10 +254,28 @@ def traces_to_3d(traces, depth, K, T_base_optical, options: DepthOptions = Depth
         items = list(zip(ids, traces))
     T = np.asarray(T_base_optical, dtype=np.float64)
     plan = Plan3D(T_base_optical=T, frame_id=frame_id)
+    starts = starts or {}
+    T_inv = np.linalg.inv(T)
+    Kc = check_intrinsics(K)
     for k, tr in items:
         px = np.asarray(tr, dtype=np.float64).reshape(-1, 2)
         bp = back_project(px, depth, K, options)
-        plan.traces.append(Trace3D(mark=int(k), points=transform(T, bp.points), pixels=px[bp.index],
+        pts, index = bp.points, bp.index
+        if int(k) in starts and len(px):
+            known = transform(T_inv, np.asarray(starts[int(k)], float).reshape(1, 3))
+            if len(index) and index[0] == 0:
+                pts = np.vstack([known, pts[1:]])
+            else:
+                pts, index = np.vstack([known, pts]), np.concatenate([[0], index])
+        if int(k) in interpolate and len(index) >= 2 and len(px) > 2:
+            z0, z1 = pts[0, 2], pts[-1, 2]
+            i_last = index[-1]
+            rays = np.linalg.solve(Kc, np.column_stack([px[: i_last + 1], np.ones(i_last + 1)]).T).T
+            z = z0 + (z1 - z0) * np.arange(i_last + 1) / max(i_last, 1)
+            mid = rays[1:-1] * z[1:-1, None]
+            pts = np.vstack([pts[:1], mid, pts[-1:]])
+            index = np.arange(i_last + 1)
+        plan.traces.append(Trace3D(mark=int(k), points=transform(T, pts), pixels=px[index],
                                    filled=bp.filled, outside=bp.outside, no_depth=bp.no_depth))
     return plan
 

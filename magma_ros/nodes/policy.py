@@ -65,6 +65,10 @@ class PolicyNodeConfig:
     tom_depth_max: float = 6.0  # [m] farther readings count as holes
     tom_gripper_mark: bool = True  # mark 1 sits on the gripper (the TCP projected into the image)
     tom_path_min_z: float = 0.01  # [m] base frame: path points below this are raised to it (table clearance)
+    # the gripper mark's trace: "interpolate" = from the TCP (kinematics) through free space to the surface
+    # its last point sees (camera depth interpolated along the trace); "surface" = every point on the
+    # surface seen at its pixel (as the other marks)
+    tom_gripper_depth: str = "interpolate"
     # action source: "actions" = Magma's 7-DoF action tokens; "tom" = follow the gripper mark's 3-D trace
     # as a Cartesian path (core/path_follow.py; tom_follow_* parameters), through the same servo + safety
     action_source: str = "actions"
@@ -281,12 +285,14 @@ def make_node():
             self.tom3d = None
             self._tom3d_counts = {"plans": 0, "points": 0, "dropped": 0, "filled": 0, "no_depth_frame": 0}
             self._tom3d_note = ""
-            self._gripper_px: tuple[float, np.ndarray] | None = None
+            self._gripper_px: tuple[float, np.ndarray, np.ndarray] | None = None  # (stamp, pixel, TCP)
             self.follower = None
             if self.tom is None or not self.cfg.tom_3d:
                 return
             from magma_ros.core import tom3d
             from magma_ros.core.realsense import load_camera_config
+
+            choose(self.cfg.tom_gripper_depth, tom3d.DEPTH_MODES, "tom_gripper_depth")
 
             cam = load_camera_config(self.cfg.camera or f"sim_{self.robot.name}")
             self.tom3d = tom3d
@@ -352,7 +358,7 @@ def make_node():
             except ValueError:
                 return None
             px = self.tom3d.pixel_of(p, self._intrinsics(w, h), T, w, h)
-            self._gripper_px = None if px is None else (frame.stamp, px)
+            self._gripper_px = None if px is None else (frame.stamp, px, p)
             return px
 
         def publish_tom_3d(self, r: TomResult) -> None:
@@ -370,8 +376,11 @@ def make_node():
             except ValueError as e:
                 self._tom3d_note = str(e)
                 return
+            gripper = self._gripper_px is not None and self._gripper_px[0] == r.stamp
+            starts = {1: self._gripper_px[2]} if gripper else None
+            interp = (1,) if gripper and self.cfg.tom_gripper_depth == "interpolate" else ()
             plan = self.tom3d.traces_to_3d(r.traces, depth, self._intrinsics(w, h), T, self.depth_opts,
-                                           frame_id=self.base_link)
+                                           frame_id=self.base_link, starts=starts, interpolate=interp)
             c = self._tom3d_counts
             c["plans"] += 1
             c["points"] += plan.total
@@ -395,7 +404,6 @@ def make_node():
                 mk.points = [Point(x=float(x), y=float(y), z=float(z)) for x, y, z in tr.points]
                 arr.markers.append(mk)
             self.markers3d_pub.publish(arr)
-            gripper = self._gripper_px is not None and self._gripper_px[0] == r.stamp
             path = plan.trace(1) if gripper else max(plan.traces, key=lambda t: len(t.points), default=None)
             if path is None or len(path.points) == 0:
                 return

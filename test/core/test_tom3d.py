@@ -175,3 +175,21 @@ def test_resample_path_drops_close_points_keeps_ends():
     p = np.array([[0, 0, 0], [0.001, 0, 0], [0.01, 0, 0], [0.0105, 0, 0], [0.02, 0, 0]], float)
     out = tom3d.resample_path(p, 0.005)
     assert np.allclose(out, [[0, 0, 0], [0.01, 0, 0], [0.02, 0, 0]])
+
+
+def test_known_start_and_interpolated_depth_for_the_gripper_trace():
+    """The gripper's pixel sees past the fingers: its start comes from the kinematics, and with
+    ``interpolate`` the path runs on each pixel's ray from the TCP's depth to the surface at the end."""
+    K = np.array([[500.0, 0, 319.5], [0, 500.0, 239.5], [0, 0, 1]])
+    depth = np.full((480, 640), 2000, np.uint16)  # a wall at 2 m (the floor behind the gripper)
+    depth[:, 400:] = 900  # the object surface at 0.9 m
+    T = np.eye(4)
+    tcp = np.array([0.0, 0.0, 0.5])  # the TCP 0.5 m in front of the camera, at the image centre
+    px = np.array([[319.5, 239.5], [360.0, 239.5], [400.0, 239.5], [440.0, 239.5]])
+    surf = tom3d.traces_to_3d({1: px}, depth, K, T, starts={1: tcp}).traces[0]
+    assert np.allclose(surf.points[0], tcp)  # not the wall behind it
+    assert surf.points[1, 2] == pytest.approx(2.0)  # surface mode: on the wall
+    mid = tom3d.traces_to_3d({1: px}, depth, K, T, starts={1: tcp}, interpolate=(1,)).traces[0]
+    assert np.allclose(mid.points[0], tcp) and mid.points[-1, 2] == pytest.approx(0.9)
+    assert np.allclose(mid.points[:, 2], [0.5, 0.5 + 0.4 / 3, 0.5 + 0.8 / 3, 0.9])
+    assert np.allclose(tom3d.project(mid.points, K), px)  # every point still on its pixel's ray
