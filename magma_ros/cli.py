@@ -150,6 +150,7 @@ def cmd_ask(a) -> dict:
 
 def cmd_ui(a) -> dict:
     from magma_ros.core import ui
+    from magma_ros.core.som import draw_boxes_with_marks
 
     shot = load_image(a.screenshot)
     h, w = shot.shape[:2]
@@ -157,7 +158,7 @@ def cmd_ui(a) -> dict:
                             point_scale=a.point_scale)
     boxes = ui.load_boxes(a.boxes, w, h) if a.boxes else ui.detect_candidates(shot, max_marks=a.max_marks)
     labels = [str(i + a.mark_base) for i in range(len(boxes))]
-    marked = ui.draw_ui_marks(shot, boxes, labels) if len(boxes) else shot
+    marked = draw_boxes_with_marks(shot, boxes, labels) if len(boxes) else shot
     policy = _policy(a)
     answer = policy.ui_answer(marked, a.task, max_new_tokens=a.max_new_tokens)
     out = ui.parse_ui_answer(answer, boxes, w, h, fmt)

@@ -104,7 +104,7 @@ def ui_picture() -> None:
     shot = screenshot()
     h, w = shot.shape[:2]
     boxes = ui.detect_candidates(shot, max_marks=30)
-    marked = ui.draw_ui_marks(shot, boxes)
+    marked = som.draw_boxes_with_marks(shot, boxes)
     centre = np.array([(b[0] + b[2]) / 2 for b in boxes]), np.array([(b[1] + b[3]) / 2 for b in boxes])
     k = int(np.argmin(np.hypot(centre[0] - 578, centre[1] - 24)))  # the "Search" button's mark
     answer = f"({578 / w:.2f}, {24 / h:.2f}) Mark: {k}"

@@ -7,8 +7,8 @@ ROS-free, torch-free (numpy, OpenCV for candidate detection, PIL for drawing).
   OpenCV: edges closed horizontally so letters merge into words/buttons ("text-like regions"),
   external contours, their bounding boxes, size filters and non-maximum suppression. Or boxes come
   from the user (:func:`load_boxes`, ``--boxes`` JSON).
-- Marks are drawn as Magma's ``plot_boxes_with_marks`` does (:func:`draw_ui_marks`: red outline,
-  0-based label on a red filled rectangle at the corner that overlaps other boxes least).
+- Marks are drawn as Magma's ``plot_boxes_with_marks`` does (``core.som.draw_boxes_with_marks``: red
+  outline, 0-based label on a red filled rectangle at the corner that overlaps other boxes least).
 - Prompt: the UI demo's Set-of-Mark click prompt (MAGMA_FACTS §3.1, ``core.prompts``), greedy,
   128 new tokens.
 - Parsing (:func:`parse_ui_answer`, never raises), the demo's order (§3.3): ``Mark: N`` -> that
@@ -248,47 +248,3 @@ def draw_choice(image, result: dict, color=(0, 200, 0)) -> np.ndarray:
         d.line([x, y - 2 * r, x, y + 2 * r], fill=color, width=2)
     return np.asarray(img)
 
-
-def draw_ui_marks(image, boxes, labels=None) -> np.ndarray:
-    """Set-of-Mark boxes as Magma's ``plot_boxes_with_marks``: red outlines (width 2), labels (0-based by
-    default) in white on red, each label at the corner of its box that overlaps the other boxes and the
-    labels already placed least (MAGMA_FACTS §3.2); font sized from the screen as ``core.som`` does."""
-    from PIL import Image, ImageDraw
-
-    from magma_ros.core.som import RED, WHITE, _font_for, _text_centered
-
-    img = Image.fromarray(np.ascontiguousarray(np.asarray(image, dtype=np.uint8)), "RGB")
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    labels = [str(i) for i in range(len(b))] if labels is None else [str(x) for x in labels]
-    if len(labels) != len(b):
-        raise ValueError(f"{len(b)} boxes but {len(labels)} labels")
-    font = _font_for(max(3.0, min(30.0, 0.04 * min(img.width, img.height))), "555")
-    d = ImageDraw.Draw(img)
-    for x0, y0, x1, y1 in b:
-        d.rectangle([x0, y0, x1, y1], outline=RED, width=2)
-    placed: list[np.ndarray] = []
-
-    def overlap(r: np.ndarray, others) -> float:
-        if not len(others):
-            return 0.0
-        o = np.asarray(others)
-        w = np.clip(np.minimum(r[2], o[:, 2]) - np.maximum(r[0], o[:, 0]), 0, None)
-        h = np.clip(np.minimum(r[3], o[:, 3]) - np.maximum(r[1], o[:, 1]), 0, None)
-        return float((w * h).sum())
-
-    for i, ((x0, y0, x1, y1), lab) in enumerate(zip(b, labels)):
-        tx0, ty0, tx1, ty1 = d.textbbox((0, 0), lab, font=font)
-        w, h = tx1 - tx0 + 4, ty1 - ty0 + 4
-        corners = [(x0, y0 - h), (x1 - w, y0 - h), (x0, y1), (x1 - w, y1), (x0, y0)]
-        others = np.delete(b, i, axis=0)
-        best, best_cost = None, np.inf
-        for cx, cy in corners:
-            r = np.array([cx, cy, cx + w, cy + h])
-            off = max(0, -r[0]) + max(0, -r[1]) + max(0, r[2] - img.width) + max(0, r[3] - img.height)
-            cost = overlap(r, others) + 3 * overlap(r, placed) + 50 * off * h
-            if cost < best_cost - 1e-9:
-                best, best_cost = r, cost
-        placed.append(best)
-        d.rectangle(list(best), fill=RED)
-        _text_centered(d, (best[0] + best[2]) / 2, (best[1] + best[3]) / 2, lab, font, WHITE)
-    return np.asarray(img)
