@@ -12,7 +12,8 @@ ROS-free, torch-free. The policy node wires ``magma/ask`` -> :class:`AskWorker` 
 - :class:`AskWorker` answers questions one at a time, oldest first, in its own thread at a raised
   nice value. It never delays an action: with its own model instance it shares nothing with the
   action loop; sharing the action model (``action_busy``/``slack`` given) it starts a question only
-  while no action inference runs and its previous answer's duration fits before the next action.
+  while no action inference runs and its previous answer's duration (before the first answer:
+  ``first_estimate``) fits before the next action is due.
   The queue is bounded: a question that does not fit is answered at once with a refusal.
 """
 
@@ -104,7 +105,7 @@ class AskWorker:
     def __init__(self, answer: Callable[[list, str], str], frames: FrameRing, publish: Callable[[Answer], None],
                  now: Callable[[], float], default_frames: int = 1, max_frames: int = 8, queue: int = 4,
                  action_busy: threading.Event | None = None, slack: Callable[[], float] | None = None,
-                 nice: int = 10):
+                 nice: int = 19, first_estimate: float = 1.0):
         self.answer_fn = answer
         self.frames = frames
         self.publish = publish
@@ -122,6 +123,9 @@ class AskWorker:
         self.answered = 0
         self.refused = 0
         self.last_latency = 0.0
+        # shared model: the first answer's cost is unknown; assume this much [s] until one was measured,
+        # so a question never starts in a gap it cannot fit (it waits, or is refused when the queue fills)
+        self.first_estimate = float(first_estimate)
 
     def ask(self, text: str) -> None:
         """Queue a question (from the subscription callback; never blocks)."""
@@ -150,7 +154,8 @@ class AskWorker:
     def _may_start(self) -> bool:
         if self.action_busy is not None and self.action_busy.is_set():
             return False
-        return self.slack is None or self.slack() >= max(self.last_latency, 1e-3)
+        need = self.last_latency if self.answered else self.first_estimate
+        return self.slack is None or self.slack() >= max(need, 1e-3)
 
     def step(self, timeout: float = 0.2) -> bool:
         """Answer the oldest question once; True when an answer (or a refusal) was published."""

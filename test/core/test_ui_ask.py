@@ -78,8 +78,14 @@ def test_shared_model_questions_wait_for_the_action_loop():
     busy.clear()
     slack["s"] = 0.0  # the next action is due now
     assert not w.step(0.01) and w.pending == 1
-    slack["s"] = 0.5
+    slack["s"] = 0.5  # less than the first answer's assumed cost (first_estimate 1 s): still waits
+    assert not w.step(0.01) and w.pending == 1
+    slack["s"] = 1.5
     assert w.step(0.01) and out[0].answer == "ok"
+    w.last_latency = 0.2  # measured: later questions fit in a 0.5 s gap
+    w.ask("again?")
+    slack["s"] = 0.5
+    assert w.step(0.01) and out[1].answer == "ok"
 
 
 def test_video_frames_sampled_uniformly_with_pyav(tmp_path):

@@ -350,7 +350,7 @@ def test_tom_plans_in_3d_from_the_simulated_camera(nodes, rclpy_node, tiny_check
     nodes.start("sim", {"robot": "fr3", "camera_fps": 5.0, "width": 320, "height": 240, "use_sim_time": True})
     proc = nodes.start("policy", {"policy": "local", "model": str(tiny_checkpoint), "device": "cpu",
                                   "robot": "fr3", "tom_rate": 1.0, "tom_marks": 4, "tom_max_tokens": 8,
-                                  "tom_shared": True, "image_timeout": 30.0, "use_sim_time": True,
+                                  "image_timeout": 30.0, "use_sim_time": True,
                                   "instruction": "pick up the red cube"})
     from diagnostic_msgs.msg import DiagnosticArray
 
