@@ -4,11 +4,13 @@ Subcommands::
 
     magma-ros predict --model PATH --image img.png --task "pick up the can" [--stats bridge_orig] [--tom]
     magma-ros ask --model PATH --image a.png [b.png ...] --question "what is on the table?"
+    magma-ros ask --model PATH --video clip.mp4 [--frames 8] --question "what did the robot do?"
+    magma-ros ui --model PATH --screenshot s.png --task "click the search button" [--boxes b.json] [--overlay o.png]
     magma-ros make-tiny-checkpoint DIR [--seed N] [--size tiny|mid]
     magma-ros serve --model PATH [--port 8765] [--host 127.0.0.1] [--stats ...]
     magma-ros launch FILE [arg:=value ...]
 
-``predict`` and ``ask`` print JSON on stdout (logs go to stderr). User mistakes print one line
+``predict``, ``ask`` and ``ui`` print one JSON object on stdout (logs go to stderr). User mistakes print one line
 ``error: ...`` and exit with status 2.
 """
 
@@ -70,10 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overlay", default=None, help="write the ToM overlay PNG here (with --tom)")
     ak = sub.add_parser("ask", help="answer a question about one or several images")
     _model_args(ak)
-    ak.add_argument("--image", required=True, nargs="+", help="image file(s), oldest first")
+    src = ak.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", nargs="+", help="image file(s), oldest first")
+    src.add_argument("--video", help="video file (PyAV, else OpenCV): --frames frames sampled uniformly")
+    ak.add_argument("--frames", type=int, default=8, help="frames sampled from --video (1..8)")
     ak.add_argument("--question", required=True)
     ak.add_argument("--max-new-tokens", type=int, default=128)
     ak.add_argument("--long", action="store_true", help="do not ask for a brief answer")
+    ui = sub.add_parser("ui", help="UI navigation: Set-of-Mark marks on a screenshot, Magma picks the element")
+    _model_args(ui)
+    ui.add_argument("--screenshot", required=True, help="screenshot image file")
+    ui.add_argument("--task", required=True, help="what to do, e.g. 'click the search button'")
+    ui.add_argument("--boxes", default=None, help="candidate boxes as JSON (file or text): [[x0,y0,x1,y1], ...]; "
+                    "default: OpenCV contours and text-like regions")
+    ui.add_argument("--max-marks", type=int, default=40, help="most candidate marks found by OpenCV")
+    ui.add_argument("--overlay", default=None, help="write the marks and the choice as a PNG here")
+    ui.add_argument("--max-new-tokens", type=int, default=128)
+    ui.add_argument("--mark-base", type=int, default=0,
+                    help="label of the first mark: 0 (Magma's UI demo draws 0-based labels) or 1; UNVERIFIED")
+    ui.add_argument("--mark-pattern", default=r"Mark:\s*(\d+)", help="regex (one group) reading the mark")
+    ui.add_argument("--box-scale", type=float, default=1000.0, help="<box> coordinate grid (demo: 0..1000)")
+    ui.add_argument("--point-scale", type=float, default=1.0, help="bare coordinates' range (demo: 0..1)")
     for name, (_, help_) in PASSTHROUGH.items():
         sub.add_parser(name, help=help_, add_help=False)
     return ap
@@ -112,9 +131,45 @@ def cmd_predict(a) -> dict:
 
 
 def cmd_ask(a) -> dict:
-    images = [load_image(p) for p in a.image]
+    out = {}
+    if a.video:
+        from magma_ros.core.ask import read_video_frames
+        from magma_ros.model.policy import MAX_QA_IMAGES
+
+        if not 1 <= a.frames <= MAX_QA_IMAGES:
+            raise ConfigError(f"--frames must be 1..{MAX_QA_IMAGES}, got {a.frames}")
+        images, idx, times = read_video_frames(a.video, a.frames)
+        out.update(video=str(a.video), frames=idx, times_s=[round(t, 3) for t in times])
+    else:
+        images = [load_image(p) for p in a.image]
     policy = _policy(a)
-    return {"answer": policy.ask(images, a.question, max_new_tokens=a.max_new_tokens, brief=not a.long)}
+    out["answer"] = policy.ask(images, a.question, max_new_tokens=a.max_new_tokens, brief=not a.long)
+    out["prompt"] = policy.last_prompt
+    return out
+
+
+def cmd_ui(a) -> dict:
+    from magma_ros.core import ui
+    from magma_ros.core.som import draw_boxes_with_marks
+
+    shot = load_image(a.screenshot)
+    h, w = shot.shape[:2]
+    fmt = ui.UiAnswerFormat(mark_pattern=a.mark_pattern, mark_base=a.mark_base, box_scale=a.box_scale,
+                            point_scale=a.point_scale)
+    boxes = ui.load_boxes(a.boxes, w, h) if a.boxes else ui.detect_candidates(shot, max_marks=a.max_marks)
+    labels = [str(i + a.mark_base) for i in range(len(boxes))]
+    marked = draw_boxes_with_marks(shot, boxes, labels) if len(boxes) else shot
+    policy = _policy(a)
+    answer = policy.ui_answer(marked, a.task, max_new_tokens=a.max_new_tokens)
+    out = ui.parse_ui_answer(answer, boxes, w, h, fmt)
+    out.update(raw=answer, task=a.task, marks=len(boxes), prompt=policy.last_prompt,
+               boxes_source="json" if a.boxes else "opencv")
+    if a.overlay:
+        from PIL import Image
+
+        Image.fromarray(ui.draw_choice(marked, out)).save(a.overlay)
+        out["overlay"] = str(a.overlay)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
-        out = cmd_predict(a) if a.cmd == "predict" else cmd_ask(a)
+        out = {"predict": cmd_predict, "ask": cmd_ask, "ui": cmd_ui}[a.cmd](a)
     except (ConfigError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2

@@ -107,19 +107,42 @@ def draw_tom(image, marks, traces=None, starts=None, labels=None) -> np.ndarray:
 
 
 def draw_boxes_with_marks(image, boxes, labels=None, color=RED, text_color=WHITE) -> np.ndarray:
-    """UI Set-of-Mark: boxes (N, 4) ``[x0, y0, x1, y1]`` pixel, outline width 2, labels 0..N-1 default."""
+    """UI Set-of-Mark as Magma's ``plot_boxes_with_marks``: boxes (N, 4) ``[x0, y0, x1, y1]`` px, red
+    outline width 2, labels (0..N-1 by default) in white on a red rectangle at the corner of the box
+    that overlaps the other boxes and the labels already placed least (MAGMA_FACTS §3.2)."""
     img = _as_image(image)
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    b = np.column_stack([b[:, [0, 2]].min(1), b[:, [1, 3]].min(1), b[:, [0, 2]].max(1), b[:, [1, 3]].max(1)])
     labels = [str(i) for i in range(len(b))] if labels is None else [str(x) for x in labels]
     if len(labels) != len(b):
         raise ValueError(f"{len(b)} boxes but {len(labels)} labels")
     font = _font_for(max(3.0, min(30.0, 0.04 * min(img.width, img.height))), "555")
     d = ImageDraw.Draw(img)
-    for (x0, y0, x1, y1), lab in zip(b, labels):
-        d.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=color, width=2)
+    for x0, y0, x1, y1 in b:
+        d.rectangle([x0, y0, x1, y1], outline=color, width=2)
+    placed: list[np.ndarray] = []
+    for i, ((x0, y0, x1, y1), lab) in enumerate(zip(b, labels)):
         tx0, ty0, tx1, ty1 = d.textbbox((0, 0), lab, font=font)
         w, h = tx1 - tx0 + 4, ty1 - ty0 + 4
-        ax, ay = min(x0, x1), max(0.0, min(y0, y1) - h)
-        d.rectangle([ax, ay, ax + w, ay + h], fill=color)
-        _text_centered(d, ax + w / 2, ay + h / 2, lab, font, text_color)
+        others = np.delete(b, i, axis=0)
+        best, best_cost = None, np.inf
+        for cx, cy in ((x0, y0 - h), (x1 - w, y0 - h), (x0, y1), (x1 - w, y1), (x0, y0)):
+            r = np.array([cx, cy, cx + w, cy + h])
+            off = max(0, -r[0]) + max(0, -r[1]) + max(0, r[2] - img.width) + max(0, r[3] - img.height)
+            cost = _overlap(r, others) + 3 * _overlap(r, placed) + 50 * off * h
+            if cost < best_cost - 1e-9:
+                best, best_cost = r, cost
+        placed.append(best)
+        d.rectangle(list(best), fill=color)
+        _text_centered(d, (best[0] + best[2]) / 2, (best[1] + best[3]) / 2, lab, font, text_color)
     return np.asarray(img)
+
+
+def _overlap(r: np.ndarray, others) -> float:
+    """Total area [px^2] of rectangle r (4,) covered by rectangles ``others`` (N, 4)."""
+    if not len(others):
+        return 0.0
+    o = np.asarray(others)
+    w = np.clip(np.minimum(r[2], o[:, 2]) - np.maximum(r[0], o[:, 0]), 0, None)
+    h = np.clip(np.minimum(r[3], o[:, 3]) - np.maximum(r[1], o[:, 1]), 0, None)
+    return float((w * h).sum())

@@ -173,6 +173,7 @@ class MagmaPolicy:
         self._grippers: dict[str, object] = {}  # robot_id -> gripper map (sticky state per arm)
         self._held: dict[str, float] = {}  # robot_id -> last gripper command (0 closed .. 1 open)
         self._lock = threading.Lock()
+        self.last_prompt = ""  # exact prompt text of the last ask / ui_answer (for logs and tests)
         self._ids_cache: OrderedDict[str, list[int]] = OrderedDict()
         self.engine_name = "plain"
         self._fast = None
@@ -409,16 +410,39 @@ class MagmaPolicy:
         return feature_marks(validate_image(image), n)
 
     def ask(self, images, question: str, max_new_tokens: int = 128, brief: bool = True) -> str:
-        """Answer a question about one image or several recent frames (oldest first), greedily."""
+        """Answer a question about one image or several recent frames (oldest first), greedily.
+
+        Several frames are one ``<image>\\n`` each at the start of the user turn, each through the
+        full anyres processor: Magma's lmms-eval image/video path (MAGMA_FACTS §4). ``last_prompt``
+        holds the exact prompt text afterwards.
+        """
         imgs = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
         if not 1 <= len(imgs) <= MAX_QA_IMAGES:
             raise ValueError(f"ask needs 1..{MAX_QA_IMAGES} images, got {len(imgs)}")
         imgs = [validate_image(im, f"image {i}") for i, im in enumerate(imgs)]
         question = validate_text(question, "question")
         text = prompts.qa_prompt(self.tokenizer, question, len(imgs), brief, self.mm_use_image_start_end)
+        return self._answer(imgs, text, max_new_tokens)
+
+    def ui_answer(self, image, task: str, max_new_tokens: int = 128) -> str:
+        """Magma's UI-agent answer for a screenshot with SoM marks drawn on it (MAGMA_FACTS §3.1).
+
+        The prompt is the demo's Set-of-Mark click prompt for ``task``; greedy, ``max_new_tokens``
+        128 as the demo. Returns the raw answer (parse it with ``core.ui.parse_ui_answer``).
+        """
+        img = validate_image(image)
+        task = validate_text(task, "task")
+        text = prompts.chat_prompt(self.tokenizer, prompts.som_click_user_prompt(task), self.mm_use_image_start_end)
+        return self._answer([img], text, max_new_tokens)
+
+    def _answer(self, imgs: list, text: str, max_new_tokens: int) -> str:
+        """Greedy answer text (new tokens only, special tokens skipped) for a prompt over images."""
+        if not 1 <= int(max_new_tokens) <= 4096:
+            raise ValueError(f"max_new_tokens must be 1..4096, got {max_new_tokens}")
+        self.last_prompt = text
         with self._lock:
             batch = self._batch([text], [imgs], robot=False)
-            gen = self._generate(*batch, max_new_tokens=max_new_tokens)
+            gen = self._generate(*batch, max_new_tokens=int(max_new_tokens))
         return self.tokenizer.decode(gen[0].tolist(), skip_special_tokens=True).strip()
 
 

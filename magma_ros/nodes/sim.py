@@ -409,7 +409,7 @@ class _TfPublisher:
         stamp = node.get_clock().now().to_msg()
         T_link_opt = np.linalg.solve(T_link, cam.pose_optical())
         static.publish(TFMessage(transforms=[
-            transform_msg(T_link, sim.robot.base_link, cam.link_frame, stamp),
+            transform_msg(T_link, cam.parent_frame, cam.link_frame, stamp),
             transform_msg(T_link_opt, cam.link_frame, cam.optical_frame, stamp)]))
         self.enabled = True
 

@@ -32,7 +32,7 @@ class CameraInfo:
     height: int  # [px]
     frame_id: str  # optical frame name (camera_color_optical_frame)
     parent_frame: str  # robot base link the extrinsic is expressed in
-    T_base_optical: np.ndarray  # (4, 4) optical frame pose in the robot base frame
+    T_base_optical: np.ndarray  # (4, 4) optical frame pose in the robot base frame (at the call)
 
 
 def default_camera(robot_name: str) -> str:
@@ -182,7 +182,25 @@ class ArmSim:
         """Intrinsics and extrinsics of the rendered images."""
         return CameraInfo(K=self.camera.intrinsics(self.width, self.height), width=self.width,
                           height=self.height, frame_id=self.camera.optical_frame,
-                          parent_frame=self.robot.base_link, T_base_optical=self.camera.pose_optical())
+                          parent_frame=self.robot.base_link, T_base_optical=self.camera_pose())
+
+    def camera_pose(self, state: mujoco.MjData | None = None) -> np.ndarray:
+        """4x4 pose of the camera's optical frame in the robot base frame (a wrist camera moves).
+
+        From ``state`` (e.g. a rendered :meth:`snapshot`) or the live data as of the last forward pass
+        (``reset`` or a render). Never runs MuJoCo itself: safe to call from a render thread while
+        physics steps.
+        """
+        d = self.data if state is None else state
+        c = self.info.camera
+        T = np.eye(4)  # MuJoCo camera: looks along -z, y up -> optical: +z forward, y down
+        T[:3, :3] = d.cam_xmat[c].reshape(3, 3) @ np.diag([1.0, -1.0, -1.0])
+        T[:3, 3] = d.cam_xpos[c]
+        b = self.info.base_body
+        T_wb = np.eye(4)
+        T_wb[:3, :3] = d.xmat[b].reshape(3, 3)
+        T_wb[:3, 3] = d.xpos[b]
+        return np.linalg.solve(T_wb, T)
 
     def snapshot(self, out: mujoco.MjData | None = None) -> mujoco.MjData:
         """Copy of the current state (positions, time) for rendering it elsewhere while physics goes on."""

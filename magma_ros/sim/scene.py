@@ -279,9 +279,18 @@ def build_scene(robot: RobotConfig, camera: CameraConfig, sim: SimConfig, *,
         geom.condim = 4
         geom.friction = [1.2, 0.02, 0.002]
     # MuJoCo cameras look along -z with y up; the optical frame looks along +z with y down.
+    # The camera hangs from its config's parent_frame: the base link (world = base here) for a fixed
+    # camera, or a robot link (e.g. fr3_hand) for a wrist-mounted one that moves with the arm.
     R_mj = camera.rotation_optical() @ np.diag([1.0, -1.0, -1.0])
-    wb.add_camera(name=CAMERA_NAME, pos=list(camera.position), quat=list(_mat_to_quat(R_mj)),
-                  fovy=_fovy_for(camera, width, height))
+    if camera.parent_frame == robot.base_link:
+        mount = wb
+    elif camera.parent_frame in names:
+        mount = spec.body(camera.parent_frame)
+    else:
+        raise ConfigError(f"camera '{camera.name}': parent_frame '{camera.parent_frame}' is not a link of "
+                          f"{robot.name} (base link: {robot.base_link})")
+    mount.add_camera(name=CAMERA_NAME, pos=list(camera.position), quat=list(_mat_to_quat(R_mj)),
+                     fovy=_fovy_for(camera, width, height))
     spec.add_key(name="home")
 
     model = spec.compile()

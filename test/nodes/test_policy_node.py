@@ -280,3 +280,101 @@ def test_tiny_checkpoint_constrained_publishes_a_twist(nodes, rclpy_node, tiny_c
     assert np.all(np.isfinite(lin)) and np.linalg.norm(lin * T) < 0.1  # within Bridge's q01..q99 box
     assert probe.wait(lambda: len(probe.grippers) >= 1, 10.0)
     assert probe.grippers[0].data in (0.0, 1.0)  # Bridge gripper is binarized
+
+
+# --------------------------------------------------------------------------- questions, ToM in 3-D
+def _answers(node):
+    from std_msgs.msg import String
+
+    out = []
+    pub = node.create_publisher(String, "magma/ask", 10)
+    node.create_subscription(String, "magma/answer", out.append, 10)
+    return pub, out, String
+
+
+def test_questions_on_the_topic_are_answered_on_recent_frames(nodes, rclpy_node, tiny_checkpoint):
+    proc = nodes.start("policy", {"policy": "local", "model": str(tiny_checkpoint), "device": "cpu",
+                                  "robot": "fr3", "image_timeout": 30.0, "ask_frame_spacing": 0.05,
+                                  "ask_max_tokens": 3})
+    probe = Probe(rclpy_node, instruction=None)
+    pub, answers, String = _answers(rclpy_node)
+    wait_ready(probe, nodes, proc, timeout=180.0)
+    assert probe.wait(lambda: pub.get_subscription_count() > 0, 30.0), nodes.dump()
+    probe.wait(lambda: False, 2.0)  # ~50 frames at 25 Hz reach the node: its clip ring fills
+    pub.publish(String(data="[frames=3] What is on the table?"))
+    pub.publish(String(data="   "))
+    assert probe.wait(lambda: len(answers) >= 2, 240.0), nodes.dump()
+    assert answers[0].data == "(no answer: empty question)"  # refused at once, never queued
+    assert isinstance(answers[1].data, str) and not answers[1].data.startswith("(no answer")
+    log = nodes.log(proc)
+    line = next(x for x in log.splitlines() if "answer: 'What is on the table?'" in x)
+    assert "on 3 frame(s)" in line
+    stamps = [float(v) for v in line.split("[stamps ")[1].split("]")[0].split(", ")]
+    assert len(stamps) == 3 and stamps == sorted(stamps)
+    sent = np.array(sorted(probe.sent))
+    assert all(np.abs(sent - s).min() < 1e-3 for s in stamps)  # real frames the node received
+    assert probe.twists == []  # no instruction: no action, questions still answered
+
+
+def test_questions_without_a_local_model_get_a_reason(nodes, rclpy_node):
+    proc = nodes.start("policy", {"policy": "scripted", "scripted_actions": script_param(SCRIPT),
+                                  "require_subscriber": False})
+    pub, answers, String = _answers(rclpy_node)
+    assert rclpy_node.spin_until(lambda: pub.get_subscription_count() > 0, 60.0), nodes.dump()
+    time.sleep(1.0)
+    pub.publish(String(data="what do you see?"))
+    assert rclpy_node.spin_until(lambda: answers, 30.0), nodes.dump()
+    assert answers[0].data == "(no answer: questions need policy:=local (policy:=scripted))"
+    assert proc.poll() is None
+
+
+def test_action_source_tom_needs_tom_plans(nodes):
+    proc = nodes.start("policy", {"policy": "scripted", "scripted_actions": script_param(SCRIPT),
+                                  "action_source": "tom"})
+    assert proc.wait(60) == 2
+    assert "action_source:=tom follows ToM plans in 3-D" in nodes.log(proc)
+
+
+@pytest.mark.slow
+def test_tom_plans_in_3d_from_the_simulated_camera(nodes, rclpy_node, tiny_checkpoint):
+    """Sim camera (colour + aligned depth + camera_info) -> ToM -> base-frame markers and the gripper path.
+
+    With random weights the traces are just the marks; mark 1 sits on the TCP's pixel and its 3-D start is
+    the TCP; the other marks land on the rendered scene.
+    """
+    from nav_msgs.msg import Path
+    from visualization_msgs.msg import MarkerArray
+
+    from magma_ros.core.kinematics import Kinematics
+
+    nodes.start("sim", {"robot": "fr3", "camera_fps": 5.0, "width": 320, "height": 240, "use_sim_time": True})
+    proc = nodes.start("policy", {"policy": "local", "model": str(tiny_checkpoint), "device": "cpu",
+                                  "robot": "fr3", "tom_rate": 1.0, "tom_marks": 4, "tom_max_tokens": 8,
+                                  "image_timeout": 30.0, "use_sim_time": True,
+                                  "instruction": "pick up the red cube"})
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    paths, m3d, diags = [], [], []
+    rclpy_node.create_subscription(DiagnosticArray, "diagnostics",
+                                   lambda m: diags.extend(s for s in m.status if "policy" in s.name), 50)
+    rclpy_node.create_subscription(Path, "magma/tom/path", paths.append, 10)
+    rclpy_node.create_subscription(MarkerArray, "magma/tom/markers_3d", m3d.append, 10)
+    assert rclpy_node.spin_until(lambda: paths and m3d and any(
+        kv.key == "tom_3d_plans" and kv.value != "0" for s in diags for kv in s.values), 400.0), nodes.dump()
+    assert proc.poll() is None
+    ma = m3d[-1]
+    assert ma.markers and all(mk.header.frame_id == "fr3_link0" for mk in ma.markers)
+    pts = np.array([[p.x, p.y, p.z] for mk in ma.markers for p in mk.points])
+    # on the table (z 0), the cubes, the arm or the floor (z -0.75) of the scene
+    assert pts[:, 2].min() > -0.76 and np.abs(pts[:, :2]).max() < 3.5
+    p = paths[-1]
+    assert p.header.frame_id == "fr3_link0" and len(p.poses) >= 1
+    start = np.array([p.poses[0].pose.position.x, p.poses[0].pose.position.y, p.poses[0].pose.position.z])
+    kin = Kinematics("fr3")
+    tcp = kin.fk(kin.robot.home)[:3, 3]  # no actions (random weights): the arm stays at home
+    # mark 1 was placed on the gripper: its path starts at the TCP (the pixel itself sees past the fingers)
+    assert np.linalg.norm(start - tcp) < 0.002, (start, tcp)
+    green = [mk for mk in ma.markers if mk.color.g > 0.8]
+    assert len(green) == 1  # the gripper mark's marker
+    d = {kv.key: kv.value for s in diags for kv in s.values}
+    assert int(d["tom_3d_plans"]) >= 1 and "tom_3d_points_dropped" in d
