@@ -176,6 +176,8 @@ class RemotePolicy:
         from websockets.exceptions import ConnectionClosed
 
         with self._lock:
+            if self._ws is not None and self._ws.state.name != "OPEN":
+                self._drop()  # the server closed it while we were quiet (idle timeout): reconnect now
             self._connect()
             try:
                 payload = packb(msg)

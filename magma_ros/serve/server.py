@@ -470,7 +470,7 @@ class PolicyServer:
         c = self.config
         try:
             async with serve(self._handler, c.host, c.port, ssl=self._ssl, compression=None,
-                             max_size=c.limits.max_message_bytes, open_timeout=c.handshake_timeout,
+                             max_size=c.limits.max_message_bytes, open_timeout=c.handshake_timeout, close_timeout=2.0,
                              process_request=self._health, server_header="magma_ros") as server:
                 self.port = next(iter(server.sockets)).getsockname()[1]
                 print(f"listening on {self.url}", flush=True)
