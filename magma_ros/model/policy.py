@@ -34,6 +34,7 @@ from magma_ros.core.actions import (
     make_gripper,
 )
 from magma_ros.core.errors import ConfigError, choose
+from magma_ros.core.policy_api import hold_result, validate_image, validate_observation, validate_text
 from magma_ros.core.tom import (
     DEFAULT_MARKS,
     DEFAULT_SPEED,
@@ -42,7 +43,6 @@ from magma_ros.core.tom import (
     feature_marks,
     parse_traces,
 )
-from magma_ros.core.policy_api import hold_result, validate_image, validate_observation, validate_text
 
 log = logging.getLogger(__name__)
 

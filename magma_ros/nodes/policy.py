@@ -37,6 +37,11 @@ class PolicyNodeConfig:
     quant: str = ""  # local, fast engine: "" | int8 | int4 (language-model weights)
     host: str = "127.0.0.1"  # remote: policy server
     port: int = 8765  # remote: policy server port
+    token_file: str = ""  # remote: file holding the server's token ("": $MAGMA_ROS_TOKEN; never a parameter value)
+    remote_timeout: float = 2.0  # [s] remote: per request; a later answer is dropped, nothing published (hold)
+    tls: bool = False  # remote: wss:// (TLS)
+    ca_file: str = ""  # remote, TLS: CA bundle or the server's self-signed certificate ("": system CAs)
+    robot_id: str = ""  # remote: this arm's id on the server (per-arm state); "": the node's namespace
     scripted_actions: str = ""  # scripted: "dx,dy,dz,droll,dpitch,dyaw,grip; ..." (7 numbers per action)
     scripted_loop: bool = False  # scripted: start over when the list ends (else hold: "script finished")
     step_period: float = 0.0  # [s] one action per step; 0 = the policy's (statistics) or 0.2 s scripted
@@ -97,8 +102,14 @@ def parse_script(text: str) -> np.ndarray:
     return np.asarray(vals).reshape(-1, 7)
 
 
-def build_policy(cfg: PolicyNodeConfig):
-    """The policy object for ``cfg.policy`` and its step period [s]."""
+def remote_robot_id(cfg: PolicyNodeConfig, namespace: str) -> str:
+    """The arm's id on a shared policy server: ``robot_id`` or the node's namespace ("/" -> "default")."""
+    rid = cfg.robot_id or (namespace if namespace not in ("", "/") else "default")
+    return rid
+
+
+def build_policy(cfg: PolicyNodeConfig, namespace: str = "/"):
+    """The policy object for ``cfg.policy`` and its step period [s] (``namespace``: the node's, for robot_id)."""
     import os
 
     choose(cfg.policy, POLICIES, "policy")
@@ -107,9 +118,17 @@ def build_policy(cfg: PolicyNodeConfig):
         return ScriptedPolicy(parse_script(cfg.scripted_actions), loop=cfg.scripted_loop,
                               step_period=period), period
     if cfg.policy == "remote":
+        from magma_ros.serve.auth import load_token
         from magma_ros.serve.client import RemotePolicy
 
-        pol = RemotePolicy(cfg.host, cfg.port)
+        if not cfg.remote_timeout > 0:
+            raise ConfigError("remote_timeout must be > 0 s")
+        try:
+            pol = RemotePolicy(cfg.host, cfg.port, token=load_token(cfg.token_file or None),
+                               timeout=cfg.remote_timeout, robot_id=remote_robot_id(cfg, namespace),
+                               tls=cfg.tls, ca_file=cfg.ca_file or None)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"policy:=remote: {e}") from None
     else:
         from magma_ros.model.policy import MagmaPolicy
 
@@ -181,7 +200,7 @@ def make_node():
             super().__init__("policy")
             self.cfg: PolicyNodeConfig = declare_config(self, PolicyNodeConfig)
             self.base_link = load_robot(self.cfg.robot).base_link
-            self.policy, self.step_period = build_policy(self.cfg)
+            self.policy, self.step_period = build_policy(self.cfg, self.get_namespace())
             self.twist_pub = self.create_publisher(TwistStamped, "magma/ee_twist", 10)
             self.grip_pub = self.create_publisher(Float64, "magma/gripper", 10)
             self.diag_pub = self.create_publisher(DiagnosticArray, "diagnostics", 10)
@@ -196,7 +215,8 @@ def make_node():
                                       "has no predict_tom)")
                 tom_policy = self.policy
                 if not self.cfg.tom_shared:
-                    tom_policy, _ = build_policy(self.cfg)  # own instance: own lock, runs concurrently
+                    # own instance: own lock, runs concurrently
+                    tom_policy, _ = build_policy(self.cfg, self.get_namespace())
                 self.tom_pub = self.create_publisher(MarkerArray, "magma/tom", 10)
                 self.tom_img_pub = self.create_publisher(Image, "magma/tom/image", 10)
                 shared = self.cfg.tom_shared
@@ -319,6 +339,16 @@ def make_node():
                     "instruction": self.loop.instruction,
                     # matched DDS endpoints (discovery can take seconds): does anyone hear the actions?
                     "twist_subscribers": self.twist_pub.get_subscription_count()}
+            remote = getattr(self.policy, "status", None)
+            if callable(remote):  # policy:=remote: the connection to the policy server
+                st = remote()
+                vals.update({"remote_server": st["server"], "remote_state": st["state"],
+                             "remote_robot_id": st["robot_id"], "remote_reconnects": st["reconnects"],
+                             "remote_timeouts": st["timeouts"], "remote_failures": st["failures"],
+                             "remote_rtt_s": f"{st['last_rtt_s']:.4f}",
+                             "remote_last_error": st["last_error"] or "none"})
+                if st["state"] != "connected" and level == 0 and s.inferences:
+                    level, message = 1, f"policy server {st['state']}: {st['last_error'] or 'not connected'}"
             if self.tom is not None:
                 vals.update({"tom_plans": self.tom.count, "tom_latency_s": f"{self.tom.last_latency:.3f}",
                              "tom_note": self._tom_note or "ok"})

@@ -23,9 +23,8 @@ import threading
 import time
 
 from magma_ros.core.policy_api import DEFAULT_ROBOT_ID, canonical_observation, validate_robot_id
-from magma_ros.serve.wire import PROTOCOL_VERSION, WireError, WireLimits, packb, unpackb
-
-TOKEN_ENV = "MAGMA_ROS_TOKEN"
+from magma_ros.serve.auth import TOKEN_ENV
+from magma_ros.serve.wire import DEFAULT_LIMITS, PROTOCOL_VERSION, WireError, WireLimits, packb, unpackb
 
 
 class RemotePolicyError(RuntimeError):
@@ -52,7 +51,7 @@ class RemotePolicy:
     def __init__(self, host: str = "127.0.0.1", port: int = 8765, *, token: str | None = None,
                  timeout: float = 10.0, connect_timeout: float = 5.0, robot_id: str = DEFAULT_ROBOT_ID,
                  tls: bool = False, ca_file: str | None = None, backoff: float = 0.2, max_backoff: float = 5.0,
-                 limits: WireLimits = WireLimits()):
+                 limits: WireLimits = DEFAULT_LIMITS):
         if not timeout > 0 or not connect_timeout > 0:
             raise ValueError("timeouts must be > 0 s")
         if not 0 <= backoff <= max_backoff:

@@ -38,24 +38,22 @@ import inspect
 import ipaddress
 import itertools
 import logging
-import os
 import ssl
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from magma_ros.core.errors import ConfigError
-from magma_ros.core.policy_api import canonical_observation, validate_robot_id
+from magma_ros.core.policy_api import canonical_observation
+from magma_ros.serve.auth import TOKEN_ENV, load_token, token_from_header
 from magma_ros.serve.wire import PROTOCOL_VERSION, WireError, WireLimits, packb, unpackb
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "MAGMA_ROS_TOKEN"
 CLOSE_POLICY_VIOLATION = 1008  # RFC 6455: bad or missing token
 CLOSE_INVALID_DATA = 1007  # malformed message or observation
 CLOSE_TRY_AGAIN_LATER = 1013  # connection cap reached
@@ -77,30 +75,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def load_token(token_file: str | None = None, env: dict | None = None) -> str:
-    """The shared secret from ``token_file`` (first line) or ``$MAGMA_ROS_TOKEN``; '' when neither."""
-    if token_file:
-        p = Path(token_file).expanduser()
-        try:
-            tok = p.read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"cannot read token file {p}: {e.strerror or e}") from None
-        if not tok:
-            raise ConfigError(f"token file {p} is empty")
-        return tok
-    return (os.environ if env is None else env).get(TOKEN_ENV, "").strip()
-
-
-def token_from_header(value: str | None) -> str | None:
-    """``Api-Key <t>`` (openpi-client) or ``Bearer <t>`` -> ``t``; None for anything else."""
-    if not value:
-        return None
-    scheme, _, tok = value.strip().partition(" ")
-    if scheme.lower() not in ("api-key", "bearer") or not tok.strip():
-        return None
-    return tok.strip()
 
 
 @dataclass(frozen=True)

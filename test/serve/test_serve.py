@@ -18,8 +18,9 @@ from websockets.sync.client import connect
 
 from magma_ros.core.errors import ConfigError
 from magma_ros.core.policy_api import BasePolicy
+from magma_ros.serve.auth import load_token
 from magma_ros.serve.client import AuthError, PolicyTimeout, RemotePolicy, RemotePolicyError
-from magma_ros.serve.server import PolicyServer, ServerConfig, load_token
+from magma_ros.serve.server import PolicyServer, ServerConfig
 from magma_ros.serve.wire import WireLimits, packb, unpackb
 
 TOKEN = "test-token-0123456789"
