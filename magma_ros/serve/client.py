@@ -229,7 +229,7 @@ class RemotePolicy:
         if self._ws is None and not self._connected_once:
             return  # never talked to the server: nothing to forget
         try:
-            self._request({"type": "reset"})
+            self._request({"type": "reset", "robot_id": self.robot_id})
         except RemotePolicyError:
             pass  # a new connection starts with the arm's state as the server keeps it; no motion depends on it
 

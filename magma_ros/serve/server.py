@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from magma_ros.core.errors import ConfigError
-from magma_ros.core.policy_api import canonical_observation
+from magma_ros.core.policy_api import canonical_observation, validate_robot_id
 from magma_ros.serve.auth import TOKEN_ENV, load_token, token_from_header
 from magma_ros.serve.wire import PROTOCOL_VERSION, WireError, WireLimits, packb, unpackb
 
@@ -329,8 +329,10 @@ class PolicyServer:
         if not isinstance(msg, dict):
             raise ValueError(f"a message must be a map (an observation), got {type(msg).__name__}")
         kind = msg.get("type", "infer")
-        if kind in ("reset", "ping"):
+        if kind == "ping":
             return kind, msg
+        if kind == "reset":
+            return kind, {"robot_id": validate_robot_id(msg["robot_id"])} if "robot_id" in msg else {}
         if kind != "infer":
             raise ValueError(f"unknown message type {kind!r}; valid: infer (default), reset, ping")
         obs = canonical_observation(msg)
@@ -376,21 +378,21 @@ class PolicyServer:
                 if kind == "ping":
                     await ws.send(packb({"ok": True}))
                     continue
-                if kind == "reset":  # only the caller's own arm
-                    rid = robot_id or f"anon-{cid}"
-                    await self.engine.reset(rid)
-                    await ws.send(packb({"ok": True, "robot_id": rid}))
-                    continue
-                obs = msg["obs"]
+                obs = msg["obs"] if kind == "obs" else msg
                 rid = obs.get("robot_id")
                 if rid is None:
-                    rid = obs["robot_id"] = robot_id or f"anon-{cid}"
-                if robot_id is None:
+                    rid = robot_id or f"anon-{cid}"
+                if robot_id is None:  # the first message that names an arm binds the connection to it
                     robot_id = rid
                 elif rid != robot_id:
                     await self._fail(ws, f"robot_id {rid!r} differs from this connection's {robot_id!r}; "
                                      "use one connection per arm")
                     continue
+                if kind == "reset":  # only the caller's own arm
+                    await self.engine.reset(rid)
+                    await ws.send(packb({"ok": True, "robot_id": rid}))
+                    continue
+                obs["robot_id"] = rid
                 await self._touch_robot(rid)
                 self.stats.requests += 1
                 try:
