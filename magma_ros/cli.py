@@ -5,7 +5,7 @@ Subcommands::
     magma-ros predict --model PATH --image img.png --task "pick up the can" [--stats bridge_orig] [--tom]
     magma-ros ask --model PATH --image a.png [b.png ...] --question "what is on the table?"
     magma-ros make-tiny-checkpoint DIR [--seed N] [--size tiny|mid]
-    magma-ros serve --model PATH [--port 8765] [--host 127.0.0.1] [--stats ...]
+    MAGMA_ROS_TOKEN=... magma-ros serve --model PATH [--port 8765] [--host 127.0.0.1] [--ray] [--certfile C --keyfile K]
     magma-ros launch FILE [arg:=value ...]
 
 ``predict`` and ``ask`` print JSON on stdout (logs go to stderr). User mistakes print one line
@@ -26,7 +26,7 @@ from magma_ros.core.errors import ConfigError
 
 PASSTHROUGH = {
     "make-tiny-checkpoint": ("magma_ros.model.checkpoint", "write a small random-weight Magma checkpoint"),
-    "serve": ("magma_ros.serve.server", "serve a Magma policy over TCP (msgpack)"),
+    "serve": ("magma_ros.serve.server", "serve a Magma policy over WebSocket (openpi's protocol, token auth; --ray: Ray Serve)"),
     "launch": ("magma_ros.launch_runner", "run a ROS 2 launch file (.launch.yaml) without ros2 launch"),
 }
 
