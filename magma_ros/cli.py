@@ -26,7 +26,7 @@ from magma_ros.core.errors import ConfigError
 
 PASSTHROUGH = {
     "make-tiny-checkpoint": ("magma_ros.model.checkpoint", "write a small random-weight Magma checkpoint"),
-    "serve": ("magma_ros.serve.server", "serve a Magma policy over WebSocket (openpi's protocol, token auth; --ray: Ray Serve)"),
+    "serve": ("magma_ros.serve.server", "serve a Magma policy over WebSocket (openpi protocol, token auth)"),
     "launch": ("magma_ros.launch_runner", "run a ROS 2 launch file (.launch.yaml) without ros2 launch"),
 }
 

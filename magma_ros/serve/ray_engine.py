@@ -21,6 +21,7 @@ import functools
 import logging
 
 from magma_ros.core.errors import ConfigError
+from magma_ros.serve.server import policy_metadata, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,9 @@ class PolicyDeployment:
         self.max_batch = int(max_batch)  # the subclass RayEngine builds decorates infer_batched with it
         self.batch_wait_s = float(batch_wait_s)
 
-    def _run(self, obs_list: list[dict]) -> list[dict]:
-        if hasattr(self.policy, "infer_batch"):
-            return list(self.policy.infer_batch(obs_list))
-        return [self.policy.infer(o) for o in obs_list]
-
     async def infer_batched(self, obs_list: list[dict]) -> list[dict]:
         """One batch -> one result each (``batch_size`` added); the model runs off the replica's loop."""
-        res = await asyncio.to_thread(self._run, obs_list)
+        res = await asyncio.to_thread(run_batch, self.policy, obs_list)
         for r in res:
             r["batch_size"] = len(obs_list)
         return res
@@ -82,12 +78,7 @@ class PolicyDeployment:
 
     def metadata(self) -> dict:
         """The policy's metadata, as the local engine reports it."""
-        meta = getattr(self.policy, "metadata", None)
-        out = dict(meta()) if callable(meta) else {}
-        model = getattr(self.policy, "model", None)
-        if getattr(model, "dtype", None) is not None:
-            out.setdefault("dtype", str(model.dtype).replace("torch.", ""))
-        return out
+        return policy_metadata(self.policy)
 
 
 class RayEngine:

@@ -130,6 +130,23 @@ class ServerConfig:
 # ---------------------------------------------------------------------------------- engines
 
 
+def policy_metadata(policy) -> dict:
+    """A policy's ``metadata()`` (when it has one) plus the model's dtype (when it has a model)."""
+    meta = getattr(policy, "metadata", None)
+    out = dict(meta()) if callable(meta) else {}
+    model = getattr(policy, "model", None)
+    if getattr(model, "dtype", None) is not None:
+        out.setdefault("dtype", str(model.dtype).replace("torch.", ""))
+    return out
+
+
+def run_batch(policy, obs_list: list[dict]) -> list[dict]:
+    """``policy.infer_batch(obs_list)``, or ``infer`` per observation for a policy without one."""
+    if hasattr(policy, "infer_batch"):
+        return list(policy.infer_batch(obs_list))
+    return [policy.infer(o) for o in obs_list]
+
+
 class LocalEngine:
     """A policy in this process: batches of up to ``max_batch`` run one at a time in one thread.
 
@@ -152,21 +169,11 @@ class LocalEngine:
 
     def metadata(self) -> dict:
         """The policy's own metadata (statistics, step period, engine...)."""
-        meta = getattr(self.policy, "metadata", None)
-        out = dict(meta()) if callable(meta) else {}
-        model = getattr(self.policy, "model", None)
-        if getattr(model, "dtype", None) is not None:
-            out.setdefault("dtype", str(model.dtype).replace("torch.", ""))
-        return out
-
-    def _run(self, obs_list: list[dict]) -> list[dict]:
-        if hasattr(self.policy, "infer_batch"):
-            return list(self.policy.infer_batch(obs_list))
-        return [self.policy.infer(o) for o in obs_list]
+        return policy_metadata(self.policy)
 
     async def infer_many(self, obs_list: list[dict]) -> list[dict]:
         """Run one batch in the engine thread; each result gets ``batch_size``."""
-        res = await asyncio.get_running_loop().run_in_executor(self._pool, self._run, obs_list)
+        res = await asyncio.get_running_loop().run_in_executor(self._pool, run_batch, self.policy, obs_list)
         for r in res:
             r["batch_size"] = len(obs_list)
         return res

@@ -36,6 +36,7 @@ def ray_front(tiny_checkpoint):
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_serve_batches_concurrent_clients(ray_front, tiny_checkpoint):
     from magma_ros.model.policy import MagmaPolicy
 
@@ -71,6 +72,7 @@ def test_ray_serve_batches_concurrent_clients(ray_front, tiny_checkpoint):
     assert max(sizes) <= 4
 
 
+@pytest.mark.slow
 def test_ray_front_checks_the_token(ray_front):
     with pytest.raises(AuthError):
         RemotePolicy("127.0.0.1", ray_front.port, token="wrong").connect()

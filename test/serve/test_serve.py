@@ -406,10 +406,11 @@ def test_reconnect_with_backoff_after_the_server_restarts():
     c = RemotePolicy("127.0.0.1", port, token=TOKEN, timeout=5, backoff=0.5, max_backoff=2.0)
     assert c.infer(_obs())["valid"]
     srv.stop()
-    with pytest.raises(RemotePolicyError, match="connection (closed|lost)"):
+    with pytest.raises(RemotePolicyError, match="connection (closed|lost)|cannot connect"):
         c.infer(_obs())
-    with pytest.raises(RemotePolicyError, match="cannot connect"):
-        c.infer(_obs())
+    if c.state != "backoff":  # the close arrived before the call: that call found the old connection
+        with pytest.raises(RemotePolicyError, match="cannot connect"):
+            c.infer(_obs())
     assert c.state == "backoff"
     with pytest.raises(RemotePolicyError, match="reconnecting in"):  # no hammering during the backoff
         c.infer(_obs())
@@ -425,7 +426,7 @@ def test_reconnect_with_backoff_after_the_server_restarts():
                 assert time.monotonic() < deadline, c.status()
                 time.sleep(0.2)
         st = c.status()
-        assert st["state"] == "connected" and st["reconnects"] == 1 and st["failures"] >= 2
+        assert st["state"] == "connected" and st["reconnects"] == 1 and st["failures"] >= 1
     finally:
         srv2.stop()
 
