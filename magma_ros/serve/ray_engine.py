@@ -8,8 +8,9 @@ the engine's ``max_batch`` (waiting at most ``batch_wait_s`` for a batch to fill
 A replica asks for one GPU (``ray_actor_options={"num_gpus": 1}``) when CUDA is present, none
 otherwise; a lab scales from one workstation to a Ray cluster by pointing ``--ray-address`` at it.
 
-Ray moves data between its own processes with its own serialization: the Ray cluster is a trusted
-network (Ray has no authentication of its own). Only the WebSocket front faces clients.
+Ray moves data between its own processes with its own (pickle-based) serialization: keep the Ray
+cluster on a trusted network (Ray 2.60 also enables its own cluster token). Only the WebSocket
+front faces clients, and it validates every observation before anything reaches Ray.
 Per-arm state (the sticky gripper) lives in each replica: with several replicas, one arm's
 requests may land on different replicas (docs/serving.md).
 """
