@@ -78,6 +78,7 @@ class RemotePolicy:
         self.last_error = ""
         self.last_rtt_s = float("nan")
         self._connected_once = False
+        self._reset_pending = False  # reset() not yet delivered (server unreachable at the time)
 
     @property
     def url(self) -> str:
@@ -220,18 +221,23 @@ class RemotePolicy:
         if "robot_id" not in obs:
             msg["robot_id"] = self.robot_id
         msg["timeout_s"] = self.timeout  # the server drops it unanswered once we have given up
+        if self._reset_pending:  # a reset that could not be delivered goes first
+            self._send_reset()
         return self._request(msg)
 
     def reset(self, robot_id: str | None = None) -> None:
         """Forget this arm's state on the server (sticky gripper). Only the own ``robot_id`` can be reset."""
         if robot_id is not None and robot_id != self.robot_id:
             raise ValueError(f"can only reset this client's own robot_id {self.robot_id!r}")
-        if self._ws is None and not self._connected_once:
-            return  # never talked to the server: nothing to forget
+        self._reset_pending = True
         try:
-            self._request({"type": "reset", "robot_id": self.robot_id})
+            self._send_reset()
         except RemotePolicyError:
-            pass  # a new connection starts with the arm's state as the server keeps it; no motion depends on it
+            pass  # still pending: sent before the next observation, so no action uses the old state
+
+    def _send_reset(self) -> None:
+        self._request({"type": "reset", "robot_id": self.robot_id})
+        self._reset_pending = False
 
     def ping(self) -> float:
         """Round-trip time (s) of an empty request."""

@@ -404,7 +404,7 @@ def test_reconnect_with_backoff_after_the_server_restarts():
     srv = PolicyServer(pol, ServerConfig(port=0, token=TOKEN))
     port = srv.start_in_thread()
     c = RemotePolicy("127.0.0.1", port, token=TOKEN, timeout=5, backoff=0.5, max_backoff=2.0)
-    assert c.infer(_obs())["valid"]
+    assert c.infer(_obs(text="grip 0.0"))["action"][6] == 0.0  # sticky state for this arm on the server
     srv.stop()
     with pytest.raises(RemotePolicyError, match="connection (closed|lost)|cannot connect"):
         c.infer(_obs())
@@ -414,17 +414,20 @@ def test_reconnect_with_backoff_after_the_server_restarts():
     assert c.state == "backoff"
     with pytest.raises(RemotePolicyError, match="reconnecting in"):  # no hammering during the backoff
         c.infer(_obs())
+    c.reset()  # a new episode while the server is away: not lost, delivered before the next observation
+    assert pol.resets == []
     srv2 = PolicyServer(pol, ServerConfig(port=port, token=TOKEN))
     srv2.start_in_thread()
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                assert c.infer(_obs())["valid"]
+                r = c.infer(_obs())
                 break
             except RemotePolicyError:
                 assert time.monotonic() < deadline, c.status()
                 time.sleep(0.2)
+        assert pol.resets == ["default"] and r["action"][6] == 1.0  # reset first, then the observation
         st = c.status()
         assert st["state"] == "connected" and st["reconnects"] == 1 and st["failures"] >= 1
     finally:
