@@ -83,7 +83,7 @@ def _first(obs: dict, keys: tuple[str, ...]):
 def validate_observation(obs) -> tuple[np.ndarray, str, str]:
     """Check an observation dict -> (image HxWx3 uint8, instruction, robot_id); ValueError if malformed."""
     if not isinstance(obs, dict):
-        raise ValueError(f"observation must be a map with 'image' and 'instruction', got {type(obs).__name__}")
+        raise ValueError(f"observation must be a dict with 'image' and 'instruction', got {type(obs).__name__}")
     ik, tk = _first(obs, IMAGE_KEYS), _first(obs, TEXT_KEYS)
     missing = [k for k, got in (("image", ik), ("instruction", tk)) if got is None]
     if missing:
