@@ -451,8 +451,9 @@ class PolicyServer:
         self._queue = asyncio.Queue(maxsize=self.config.max_queue)
         workers = [asyncio.create_task(self._worker()) for _ in range(self.engine.workers)]
         c = self.config
+        tls = {"ssl": self._ssl, "ssl_handshake_timeout": c.handshake_timeout} if self._ssl else {}
         try:
-            async with serve(self._handler, c.host, c.port, ssl=self._ssl, compression=None,
+            async with serve(self._handler, c.host, c.port, **tls, compression=None,
                              max_size=c.limits.max_message_bytes, open_timeout=c.handshake_timeout, close_timeout=2.0,
                              process_request=self._health, server_header="magma_ros") as server:
                 self.port = next(iter(server.sockets)).getsockname()[1]

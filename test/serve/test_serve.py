@@ -189,7 +189,7 @@ def test_tls_wss_with_a_self_signed_certificate(start, tmp_path):
     certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
-    srv = start(certfile=str(certfile), keyfile=str(keyfile))
+    srv = start(certfile=str(certfile), keyfile=str(keyfile), handshake_timeout=1.0)
     assert srv.url.startswith("wss://")
     c = _client(srv, ca_file=str(certfile))
     assert c.infer(_obs(51))["action"][0] == pytest.approx(0.2)
@@ -199,6 +199,9 @@ def test_tls_wss_with_a_self_signed_certificate(start, tmp_path):
         _client(srv, tls=True).infer(_obs())
     with pytest.raises(RemotePolicyError):  # plain ws:// to a wss:// server
         _client(srv).infer(_obs())
+    stall = socket.create_connection(("127.0.0.1", srv.port), timeout=30)  # TCP open, no TLS hello
+    assert stall.recv(1) == b""  # closed after the handshake timeout
+    stall.close()
 
 
 # --------------------------------------------------------------------------- faults
