@@ -23,7 +23,14 @@ def ray_front(tiny_checkpoint):
 
     from magma_ros.serve.ray_engine import RayEngine, magma_factory
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # Ray waits a fixed 30 s for its raylet; a loaded 2-core machine can miss that
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         engine = RayEngine(magma_factory(str(tiny_checkpoint), device="cpu", constrained=True, max_batch=4),
                            max_batch=4, batch_wait_s=0.005, num_gpus=0)
