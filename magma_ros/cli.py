@@ -7,7 +7,7 @@ Subcommands::
     magma-ros ask --model PATH --video clip.mp4 [--frames 8] --question "what did the robot do?"
     magma-ros ui --model PATH --screenshot s.png --task "click the search button" [--boxes b.json] [--overlay o.png]
     magma-ros make-tiny-checkpoint DIR [--seed N] [--size tiny|mid]
-    magma-ros serve --model PATH [--port 8765] [--host 127.0.0.1] [--stats ...]
+    MAGMA_ROS_TOKEN=... magma-ros serve --model PATH [--port 8765] [--host 127.0.0.1] [--ray] [--certfile C --keyfile K]
     magma-ros launch FILE [arg:=value ...]
 
 ``predict``, ``ask`` and ``ui`` print one JSON object on stdout (logs go to stderr). User mistakes print one line
@@ -28,7 +28,7 @@ from magma_ros.core.errors import ConfigError
 
 PASSTHROUGH = {
     "make-tiny-checkpoint": ("magma_ros.model.checkpoint", "write a small random-weight Magma checkpoint"),
-    "serve": ("magma_ros.serve.server", "serve a Magma policy over TCP (msgpack)"),
+    "serve": ("magma_ros.serve.server", "serve a Magma policy over WebSocket (openpi protocol, token auth)"),
     "launch": ("magma_ros.launch_runner", "run a ROS 2 launch file (.launch.yaml) without ros2 launch"),
 }
 

@@ -4,7 +4,7 @@ Composes the pieces in one place: prompt (``core.prompts``) -> tokenizer -> robo
 (``model.processor.preprocess_robot``: 256x256 then one 512 crop) -> generation engine (``fast``
 static-KV engine or transformers' ``generate``; greedy) -> action decoding (``core.actions``:
 first 7 tokens, bins, q01/q99 statistics, gripper map). Results follow the ``BasePolicy`` contract
-of ``magma_ros.serve`` so a remote server and a local node see the same thing.
+of ``magma_ros.core.policy_api`` so a remote server and a local node see the same thing.
 
 Decoding is greedy (deterministic) by default. Magma's SimplerEnv/LIBERO evaluation sampled
 (``do_sample=True, temperature=0.7`` under transformers 4.44, whose sampling default was
@@ -34,6 +34,7 @@ from magma_ros.core.actions import (
     make_gripper,
 )
 from magma_ros.core.errors import ConfigError, choose
+from magma_ros.core.policy_api import hold_result, validate_image, validate_observation, validate_text
 from magma_ros.core.tom import (
     DEFAULT_MARKS,
     DEFAULT_SPEED,
@@ -42,7 +43,6 @@ from magma_ros.core.tom import (
     feature_marks,
     parse_traces,
 )
-from magma_ros.serve import hold_result, validate_image, validate_observation, validate_text
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class MagmaPolicy:
 
     # ------------------------------------------------------------------ public API
     def infer(self, obs: dict) -> dict:
-        """``{"image": HxWx3 uint8 RGB, "instruction": str}`` -> action result (see ``magma_ros.serve``)."""
+        """``{"image": HxWx3 uint8 RGB, "instruction": str}`` -> action result (see ``magma_ros.core.policy_api``)."""
         return self.infer_batch([obs])[0]
 
     def infer_batch(self, observations: list[dict]) -> list[dict]:

@@ -41,6 +41,11 @@ class PolicyNodeConfig:
     quant: str = ""  # local, fast engine: "" | int8 | int4 (language-model weights)
     host: str = "127.0.0.1"  # remote: policy server
     port: int = 8765  # remote: policy server port
+    token_file: str = ""  # remote: file holding the server's token ("": $MAGMA_ROS_TOKEN; never a parameter value)
+    remote_timeout: float = 2.0  # [s] remote: per request; a later answer is dropped, nothing published (hold)
+    tls: bool = False  # remote: wss:// (TLS)
+    ca_file: str = ""  # remote, TLS: CA bundle or the server's self-signed certificate ("": system CAs)
+    robot_id: str = ""  # remote: this arm's id on the server (per-arm state); "": the node's namespace
     scripted_actions: str = ""  # scripted: "dx,dy,dz,droll,dpitch,dyaw,grip; ..." (7 numbers per action)
     scripted_loop: bool = False  # scripted: start over when the list ends (else hold: "script finished")
     step_period: float = 0.0  # [s] one action per step; 0 = the policy's (statistics) or 0.2 s scripted
@@ -124,8 +129,14 @@ def parse_script(text: str) -> np.ndarray:
     return np.asarray(vals).reshape(-1, 7)
 
 
-def build_policy(cfg: PolicyNodeConfig):
-    """The policy object for ``cfg.policy`` and its step period [s]."""
+def remote_robot_id(cfg: PolicyNodeConfig, namespace: str) -> str:
+    """The arm's id on a shared policy server: ``robot_id`` or the node's namespace ("/" -> "default")."""
+    rid = cfg.robot_id or (namespace if namespace not in ("", "/") else "default")
+    return rid
+
+
+def build_policy(cfg: PolicyNodeConfig, namespace: str = "/"):
+    """The policy object for ``cfg.policy`` and its step period [s] (``namespace``: the node's, for robot_id)."""
     import os
 
     choose(cfg.policy, POLICIES, "policy")
@@ -134,9 +145,17 @@ def build_policy(cfg: PolicyNodeConfig):
         return ScriptedPolicy(parse_script(cfg.scripted_actions), loop=cfg.scripted_loop,
                               step_period=period), period
     if cfg.policy == "remote":
+        from magma_ros.serve.auth import load_token
         from magma_ros.serve.client import RemotePolicy
 
-        pol = RemotePolicy(cfg.host, cfg.port)
+        if not cfg.remote_timeout > 0:
+            raise ConfigError("remote_timeout must be > 0 s")
+        try:
+            pol = RemotePolicy(cfg.host, cfg.port, token=load_token(cfg.token_file or None),
+                               timeout=cfg.remote_timeout, robot_id=remote_robot_id(cfg, namespace),
+                               tls=cfg.tls, ca_file=cfg.ca_file or None)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"policy:=remote: {e}") from None
     else:
         from magma_ros.model.policy import MagmaPolicy
 
@@ -222,7 +241,7 @@ def make_node():
             self.tom_mode = self.cfg.action_source == "tom"
             if self.tom_mode and not (self.cfg.tom_rate > 0 and self.cfg.tom_3d):
                 raise ConfigError("action_source:=tom follows ToM plans in 3-D: it needs tom_rate > 0 and tom_3d:=true")
-            self.policy, self.step_period = build_policy(self.cfg)
+            self.policy, self.step_period = build_policy(self.cfg, self.get_namespace())
             self._side = None  # a second model instance for ToM / questions (never the action model)
             self._side_lock = threading.Lock()
             self.twist_pub = self.create_publisher(TwistStamped, "magma/ee_twist", 10)
@@ -277,7 +296,8 @@ def make_node():
             """The second model instance for ToM and questions, built once on first use."""
             with self._side_lock:
                 if self._side is None:
-                    self._side, _ = build_policy(self.cfg)  # own instance: own lock, runs concurrently
+                    # own instance: own lock, runs concurrently
+                    self._side, _ = build_policy(self.cfg, self.get_namespace())
                 return self._side
 
         # ---------------------------------------------------------- ToM in 3-D
@@ -564,6 +584,16 @@ def make_node():
                     "instruction": self.loop.instruction,
                     # matched DDS endpoints (discovery can take seconds): does anyone hear the actions?
                     "twist_subscribers": self.twist_pub.get_subscription_count()}
+            remote = getattr(self.policy, "status", None)
+            if callable(remote):  # policy:=remote: the connection to the policy server
+                st = remote()
+                vals.update({"remote_server": st["server"], "remote_state": st["state"],
+                             "remote_robot_id": st["robot_id"], "remote_reconnects": st["reconnects"],
+                             "remote_timeouts": st["timeouts"], "remote_failures": st["failures"],
+                             "remote_rtt_s": f"{st['last_rtt_s']:.4f}",
+                             "remote_last_error": st["last_error"] or "none"})
+                if st["state"] != "connected" and level == 0 and s.inferences:
+                    level, message = 1, f"policy server {st['state']}: {st['last_error'] or 'not connected'}"
             if self.tom is not None:
                 vals.update({"tom_plans": self.tom.count, "tom_latency_s": f"{self.tom.last_latency:.3f}",
                              "tom_note": self._tom_note or "ok"})

@@ -1,83 +1,9 @@
-"""Policy serving: the ``BasePolicy`` contract shared by local (`MagmaPolicy`) and remote (`RemotePolicy`).
+"""Tethered and fleet policy serving: an authenticated WebSocket server speaking openpi's protocol.
 
-An observation is ``{"image": HxWx3 uint8 RGB, "instruction": str}`` (optionally ``"robot_id": str``
-to keep per-arm state such as the sticky gripper apart); a result is ``{"action": float32 (7,)
-[dx, dy, dz, droll, dpitch, dyaw, gripper 0 closed..1 open], "tokens": list[int], "latency_s":
-float, "valid": bool, "reason": str}``. Nothing here imports torch or ROS.
+- ``serve.wire``: msgpack with numpy arrays as openpi's ``msgpack_numpy`` encodes them (never pickle).
+- ``serve.server``: `PolicyServer` (``magma-ros serve``), auth, limits, batching, per-arm state.
+- ``serve.client``: `RemotePolicy`, the project's client behind the ``infer(obs) -> dict`` contract.
+- ``serve.ray_engine``: the engine as a Ray Serve deployment (``magma-ros serve --ray``).
+
+The policy contract itself lives in ``magma_ros.core.policy_api``. See docs/serving.md.
 """
-
-from __future__ import annotations
-
-from typing import Protocol, runtime_checkable
-
-import numpy as np
-
-MAX_IMAGE_SIDE = 4096  # pixels; larger frames are refused (memory, wire size)
-MIN_IMAGE_SIDE = 8  # pixels
-MAX_INSTRUCTION_CHARS = 2000
-
-
-@runtime_checkable
-class BasePolicy(Protocol):
-    """Anything with ``infer(obs) -> dict`` (numpy in and out, no ML dependencies for the caller)."""
-
-    def infer(self, obs: dict) -> dict:
-        """One observation -> one action result (see the module docstring)."""
-        ...
-
-
-def validate_image(image, what: str = "image") -> np.ndarray:
-    """Return ``image`` as a C-contiguous HxWx3 uint8 array or raise ValueError saying what is wrong."""
-    if image is None:
-        raise ValueError(f"{what} is missing")
-    a = np.asarray(image)
-    if a.dtype == object:
-        raise ValueError(f"{what} must be a numeric array, got objects")
-    if a.ndim != 3 or a.shape[2] != 3:
-        raise ValueError(f"{what} must be HxWx3 RGB, got shape {tuple(a.shape)}")
-    h, w = a.shape[:2]
-    if min(h, w) < MIN_IMAGE_SIDE or max(h, w) > MAX_IMAGE_SIDE:
-        raise ValueError(f"{what} size {w}x{h} outside [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}] pixels")
-    if a.dtype != np.uint8:
-        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-            raise ValueError(f"{what} contains NaN or inf")
-        raise ValueError(f"{what} must be uint8 (0..255), got {a.dtype}; convert with "
-                         "(img * 255).clip(0, 255).astype(np.uint8) for [0, 1] floats")
-    return np.ascontiguousarray(a)
-
-
-def validate_text(text, what: str = "instruction") -> str:
-    """Return a non-empty, bounded string or raise ValueError."""
-    if not isinstance(text, str):
-        raise ValueError(f"{what} must be a string, got {type(text).__name__}")
-    t = text.strip()
-    if not t:
-        raise ValueError(f"{what} is empty")
-    if len(t) > MAX_INSTRUCTION_CHARS:
-        raise ValueError(f"{what} longer than {MAX_INSTRUCTION_CHARS} characters")
-    return t
-
-
-def validate_observation(obs) -> tuple[np.ndarray, str, str]:
-    """Check an observation dict -> (image HxWx3 uint8, instruction, robot_id); ValueError if malformed."""
-    if not isinstance(obs, dict):
-        raise ValueError(f"observation must be a dict with 'image' and 'instruction', "
-                         f"got {type(obs).__name__}")
-    missing = [k for k in ("image", "instruction") if k not in obs]
-    if missing:
-        raise ValueError(f"observation is missing {', '.join(repr(k) for k in missing)}")
-    rid = obs.get("robot_id", "default")
-    if not isinstance(rid, str) or len(rid) > 200:
-        raise ValueError("robot_id must be a short string")
-    return validate_image(obs["image"]), validate_text(obs["instruction"]), rid
-
-
-def hold_result(reason: str, gripper: float = 1.0, latency_s: float = 0.0, tokens=()) -> dict:
-    """A no-motion result (``valid=False``): zero deltas, the gripper held at ``gripper``."""
-    action = np.zeros(7, dtype=np.float32)
-    action[6] = gripper
-    return {"action": action, "tokens": [int(t) for t in tokens], "latency_s": float(latency_s),
-            "valid": False, "reason": reason}
-
-
-__all__ = ["BasePolicy", "validate_image", "validate_text", "validate_observation", "hold_result"]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from magma_ros.core.errors import ConfigError
+from magma_ros.core.policy_api import BasePolicy
 from magma_ros.core.tom import TraceResult
-from magma_ros.serve import BasePolicy
 
 BRIDGE_Q01 = np.array([-0.02872725307941437, -0.04170349963009357, -0.026093858778476715,
                        -0.08092105075716972, -0.09288699507713317, -0.20718276381492615, 0.0])

@@ -207,10 +207,12 @@ def test_remote_policy_takes_the_step_period_from_the_server(nodes, rclpy_node):
     from magma_ros.serve.server import PolicyServer, ServerConfig
 
     period = 1.0 / 3.0  # Google robot / RT-1 rate, known only to the server
-    server = PolicyServer(ScriptedPolicy(SCRIPT, loop=True, step_period=period), ServerConfig(port=0))
+    server = PolicyServer(ScriptedPolicy(SCRIPT, loop=True, step_period=period),
+                          ServerConfig(port=0, token="node-test-token"))
     port = server.start_in_thread()
     try:
-        proc = nodes.start("policy", {"policy": "remote", "host": "127.0.0.1", "port": port, "robot": "fr3"})
+        proc = nodes.start("policy", {"policy": "remote", "host": "127.0.0.1", "port": port, "robot": "fr3"},
+                           extra_env={"MAGMA_ROS_TOKEN": "node-test-token"})
         probe = Probe(rclpy_node)
         wait_ready(probe, nodes, proc)
         assert probe.wait(lambda: len(probe.twists) >= 2, 30.0), nodes.dump()
