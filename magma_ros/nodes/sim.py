@@ -14,7 +14,10 @@ Accepts, by ``controller`` (exactly what the safety node emits):
   forward  <forward_controller>/commands          std_msgs/Float64MultiArray (arm_joints order)
   isaac    joint_command                          sensor_msgs/JointState (by name; may include the finger)
   always   <gripper_controller>/joint_trajectory  JointTrajectory of the finger joint [m]
-Service ``reset`` (std_srvs/Trigger): arm home, objects back; the clock keeps running forward.
+The arm starts at the robot YAML's ``sim_start`` (default: ``home``; the WidowX starts in SimplerEnv's
+Bridge pose, not at its singular all-zeros home).
+Service ``reset`` (std_srvs/Trigger): arm back to that start pose, objects back; the clock keeps running
+forward.
 
 Trajectories are followed like ros2_control's JTC, with ``time_from_start`` counted from receipt
 (the header stamp is not used, so a publisher on another clock cannot stall the arm).
@@ -115,9 +118,11 @@ def _make_node():
             self.sim = ArmSim(self.robot, camera=self.cfg.camera or None, width=self.cfg.width,
                               height=self.cfg.height, config=sim_cfg)
             r = self.robot
+            self.start_q = r.start  # robot YAML sim_start (the WidowX: not its singular home), else home
+            self.sim.reset(self.start_q)
             self.lock = threading.Lock()
             self.clock_base = 0.0  # sim clock = clock_base + sim.time (monotonic across resets)
-            self.arm = TrajectoryFollower(r.home)
+            self.arm = TrajectoryFollower(self.start_q)
             self.finger = TrajectoryFollower([r.gripper.open])
             self.rejected = 0
             self.warn = _Throttle(self.get_logger().warn)
@@ -234,10 +239,10 @@ def _make_node():
         def _on_reset(self, request, response):
             with self.lock:
                 self.clock_base += self.sim.time
-                self.sim.reset()
-                self.arm.hold(self.robot.home, self.now())
+                self.sim.reset(self.start_q)
+                self.arm.hold(self.start_q, self.now())
                 self.finger.hold([self.robot.gripper.open], self.now())
-            self.get_logger().info("sim: reset (arm home, objects back)")
+            self.get_logger().info("sim: reset (arm at its start pose, objects back)")
             response.success, response.message = True, "reset"
             return response
 
