@@ -102,6 +102,10 @@ class RobotConfig:
     # servo target is never clamped downstream (MoveIt Servo: joint_limit_margins).
     position_margin: float = DEFAULT_POSITION_MARGIN
     sim_start: np.ndarray | None = None  # [rad] where the simulator starts the arm; None = home
+    # Following error (safety node): the measured arm farther than this from what was commanded for
+    # the state's stamp -> hold at the measured position until resume. None: no check.
+    following_error_max: np.ndarray | None = None  # [rad] per joint
+    following_error_lag: float = 0.1  # [s] the arm may lag its command by up to this much (not an error)
     extra: dict = field(default_factory=dict)  # unparsed keys, kept for forward compatibility
 
     @property
@@ -164,13 +168,20 @@ def load_robot(name_or_path: str | Path) -> RobotConfig:
                 q_upper=_arr(v, "q_upper", n, src), q_lower=_arr(v, "q_lower", n, src),
             )
         jerk = d.get("jerk_max") or None
+        fe = d.get("following_error") or {}
+        fe_max = None if "max" not in fe else _arr(fe, "max", n, src)
+        if fe_max is not None and not np.all(fe_max > 0):
+            raise ConfigError(f"{src}: following_error.max must be > 0 for every joint")
+        fe_lag = float(fe.get("lag", 0.1))
+        if not fe_lag >= 0:
+            raise ConfigError(f"{src}: following_error.lag must be >= 0 s")
         urdf = Path(d["urdf"])
         if not urdf.is_absolute():
             urdf = data_path("urdf", d["urdf"])
         known = {"robot", "urdf", "prefix", "base_link", "tcp_link", "arm_joints", "position_min", "position_max",
                  "velocity_max", "acceleration_max", "jerk_max", "home", "gripper", "arm_controller",
                  "forward_controller", "gripper_controller", "joint_states_topic", "delta_mode",
-                 "position_dependent_velocity", "position_margin", "sim_start"}
+                 "position_dependent_velocity", "position_margin", "sim_start", "following_error"}
         margin = float(d.get("position_margin", DEFAULT_POSITION_MARGIN))
         sim_start = None if d.get("sim_start") in (None, []) else _arr(d, "sim_start", n, src)
         cfg = RobotConfig(
@@ -195,6 +206,8 @@ def load_robot(name_or_path: str | Path) -> RobotConfig:
             position_dependent_velocity=pdv,
             position_margin=margin,
             sim_start=sim_start,
+            following_error_max=fe_max,
+            following_error_lag=fe_lag,
             extra={k: v for k, v in d.items() if k not in known},
         )
     except KeyError as e:
