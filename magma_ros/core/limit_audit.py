@@ -78,6 +78,13 @@ class LimitAudit:
         self._pending: list[tuple[float, np.ndarray]] = []  # JTC: knots of the active message ahead
 
     # ------------------------------------------------------------------------------------ input
+    def start_at(self, t: float, q, v=None) -> None:
+        """Start the audit mid-motion: at ``t`` the path is at ``q`` moving at ``v`` (default rest),
+        that velocity held for at least a period."""
+        self._start(t, np.asarray(q, float).reshape(-1))
+        if v is not None:
+            self._v = np.asarray(v, float).reshape(-1).copy()
+
     def point(self, t: float, q) -> list[str]:
         """A set-point ``q`` [dof] sent at ``t`` [s], to be reached at ``t + period``."""
         q = self._arm(q, t)

@@ -487,11 +487,14 @@ class SafetyFilter:
             keep[-1] = True
             abs_t = abs_t.copy()
             abs_t[-1] = start
+        here = self.q  # where the commanded path is at `start` (jtc: on our last message's path)
+        if self._path is not None and start >= self._path.T[0]:
+            here = self._path.state(start)[0]
         times_all = np.concatenate(([start], abs_t[keep]))
-        pts_all = np.concatenate((self.q[None], arm[keep]), axis=0)
+        pts_all = np.concatenate((here[None], arm[keep]), axis=0)
         if times_all[-1] <= times_all[0]:  # everything already due: go straight to the last point
             times_all = np.array([start, start + _EPS])
-            pts_all = np.stack([self.q, arm[-1]])
+            pts_all = np.stack([here, arm[-1]])
         self.active = _Command(source, times_all, pts_all, float(t))
         self.last_valid[source] = float(t)
         if source == "teleop":
@@ -561,10 +564,10 @@ class SafetyFilter:
             return None
         t1, q1 = self._samples[-1]
         w = self.cfg.standstill_window
-        old = [(t, q) for t, q in self._samples if t1 - t >= 0.5 * w]
-        if not old or t1 - old[0][0] < w - 1e-9:
+        if t1 - self._samples[0][0] < w - 1e-9:
             return None
-        return max(float(np.max(np.abs(q1 - q))) / (t1 - t) for t, q in old if t1 - t <= 3.0 * w)
+        old = [(t, q) for t, q in self._samples if 0.5 * w <= t1 - t <= 1.5 * w]
+        return max((float(np.max(np.abs(q1 - q))) / (t1 - t) for t, q in old), default=0.0)
 
     def commanded_speed(self, t: float) -> float:
         """Largest joint speed [rad/s] of the commanded path now (jtc: what the controller executes)."""
