@@ -168,6 +168,8 @@ def run_node(make_node: Callable[[], object], args=None, threads: int = 2) -> in
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not abort the clean-up
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if executor is not None:
+            _drain(executor)
         if node is not None:
             close = getattr(node, "close", None)
             if callable(close):
@@ -182,3 +184,27 @@ def run_node(make_node: Callable[[], object], args=None, threads: int = 2) -> in
         if rclpy.ok():
             rclpy.try_shutdown()
     return 0
+
+
+def _drain(executor, timeout: float = 2.0) -> None:
+    """Let the callbacks still in flight finish before the executor shuts down, and report their errors.
+
+    rclpy's ``MultiThreadedExecutor.shutdown`` destroys its guard condition before it joins its
+    worker threads, so a callback that finishes after that fails on the destroyed guard ("cannot use
+    Destroyable because destruction was requested") and the error is printed at exit as "The
+    following exception was never retrieved". Waiting (up to ``timeout`` s) for the submitted
+    callbacks first avoids it; the error of any callback that really failed is printed as one line.
+    """
+    import time
+
+    tasks = list(getattr(executor, "_futures", ()))  # submitted callbacks (MultiThreadedExecutor)
+    deadline = time.monotonic() + timeout
+    while any(not t.done() for t in tasks) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for task in tasks:
+        try:
+            err = task.exception() if task.done() else None
+        except Exception:  # noqa: BLE001 - a cancelled task, or an rclpy without these internals
+            err = None
+        if err is not None:
+            print(f"[magma_ros] error in a callback at shutdown: {type(err).__name__}: {err}", file=sys.stderr)
