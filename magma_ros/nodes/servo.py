@@ -6,6 +6,8 @@ docs/nodes.md). Run: ``python -m magma_ros.nodes.servo --ros-args -p robot:=fr3`
 
 from __future__ import annotations
 
+import time
+
 from magma_ros.core.errors import ConfigError
 from magma_ros.core.robot import load_robot
 from magma_ros.core.servo import JointCommand, Servo, ServoConfig
@@ -44,6 +46,7 @@ def make_node():
                 self.create_timer(self.cfg.keepalive_period / 2, self.on_keepalive)
             self._last_reason = ""
             self._last_limited = ""
+            self._limited_logged = -1e9  # monotonic time of the last "servo scales" line
             self._clock_resets = 0
             self._spacing_warned = False
             self._Duration, self._Point, self._Traj = Duration, JointTrajectoryPoint, JointTrajectory
@@ -121,17 +124,27 @@ def make_node():
                 self._note(res.reason, warn=not res.reason.startswith("duplicate"))
 
         def _note_scaling(self, step) -> None:
-            """Log when steps start (or stop) being cut short, and why: changes only, not every step."""
+            """Log when steps start being cut short (< 90 % carried out) or why changes, at most every
+            5 s, and once when they are whole again: a random or aggressive policy must not flood the log."""
             if step is None:
                 return
-            if step.limited and step.limited != self._last_limited:
+            key = step.limited if step.fraction < 0.9 else ""
+            if key == self._last_limited:
+                return
+            now = time.monotonic()
+            if key and now - self._limited_logged < 5.0:
+                return
+            if key:
                 self.get_logger().info(
                     f"servo scales: {step.fraction:.0%} of the step carried out ({step.limited}; condition "
                     f"number {step.condition:.1f}, singularity scale {step.singularity_scale:.2f}, "
                     f"velocity scale {step.velocity_scale:.2f})")
-            elif not step.limited and self._last_limited:
+                self._limited_logged = now
+            elif step.fraction >= 0.99:
                 self.get_logger().info("servo: steps carried out in full again")
-            self._last_limited = step.limited
+            else:
+                return
+            self._last_limited = key
 
         def _note(self, reason: str, warn: bool) -> None:
             if reason != self._last_reason:  # log changes, not every message
