@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from magma_ros.core.actions import action_to_twist
+from magma_ros.core.checks import stamp_age
 from magma_ros.core.errors import ConfigError
 
 
@@ -95,11 +96,6 @@ class Mailbox:
     @property
     def closed(self) -> bool:
         return self._closed
-
-
-def frame_age(frame: Frame, now: float) -> float:
-    """Age [s] of a frame: now - stamp (a zero stamp counts from arrival)."""
-    return now - (frame.stamp if frame.stamp > 0.0 else frame.received)
 
 
 class ScriptedPolicy:
@@ -293,14 +289,15 @@ class PolicyLoop:
             return "no frame"
         now = self.now()
         self.check_clock(now)
-        age = frame_age(frame, now)
-        if -age > self.future_tolerance:
+        kind, age = stamp_age(frame.stamp if frame.stamp > 0.0 else frame.received, now, self.image_timeout,
+                              self.future_tolerance)
+        if kind == "future":
             self.stats.future += 1
             why = f"image stamped {-age:.2f} s ahead of the clock (from before a clock reset?): dropped"
             self.stats.last_reason = why
             self.report(why)
             return why
-        if age > self.image_timeout:
+        if kind == "stale":
             self.stats.stale += 1
             why = f"stale image: {age:.2f} s old > image_timeout {self.image_timeout} s"
             self.stats.last_reason = why
