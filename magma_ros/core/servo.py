@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from magma_ros.core.checks import read_joint_state, stamp_age
 from magma_ros.core.errors import ConfigError, choose
 from magma_ros.core.kinematics import pose_error, rotvec_to_matrix
 from magma_ros.core.robot import RobotConfig
@@ -272,17 +273,12 @@ class Servo:
     def update_state(self, names, positions, t: float) -> bool:
         """Store a joint-state sample (any order, extra joints ignored). False if arm joints are missing."""
         self.check_clock(t)
-        idx = {n: i for i, n in enumerate(names)}
-        try:
-            q = np.array([float(positions[idx[j]]) for j in self.robot.arm_joints])
-        except (KeyError, IndexError, TypeError, ValueError):
+        js = read_joint_state(names, positions, self.robot.arm_joints, self.robot.gripper.joint)
+        if js.arm is None:
             return False
-        if not np.all(np.isfinite(q)):
-            return False
-        self._q, self._state_t = q, float(t)
-        g = self.robot.gripper.joint
-        if g in idx and idx[g] < len(positions) and math.isfinite(float(positions[idx[g]])):
-            self._finger = float(positions[idx[g]])
+        self._q, self._state_t = js.arm, float(t)
+        if js.finger is not None:
+            self._finger = js.finger
         return True
 
     def reset(self) -> None:
@@ -301,12 +297,11 @@ class Servo:
         return None if self._target_q is None else self._target_q.copy()
 
     def _age_ok(self, stamp: float, now: float) -> str:
-        if stamp == 0.0:  # zero stamp = "now" (as for JointTrajectoryController)
-            return ""
-        if now - stamp > self.cfg.max_action_age:
-            return f"stale: action {now - stamp:.2f} s old > max_action_age {self.cfg.max_action_age} s"
-        if stamp - now > self.cfg.future_tolerance:
-            return f"future: stamp {stamp - now:.2f} s ahead of the clock"
+        kind, age = stamp_age(stamp, now, self.cfg.max_action_age, self.cfg.future_tolerance)  # 0 = "now"
+        if kind == "stale":
+            return f"stale: action {age:.2f} s old > max_action_age {self.cfg.max_action_age} s"
+        if kind == "future":
+            return f"future: stamp {-age:.2f} s ahead of the clock"
         return ""
 
     def _state_ok(self, now: float) -> str:
@@ -473,16 +468,31 @@ class Servo:
         if rb.position_dependent_velocity is not None:
             vlo, vhi = rb.position_dependent_velocity.bounds(q, vmax)
         v = dq / dt
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(v > 0, vhi / v, np.where(v < 0, vlo / v, np.inf))
-        s_vel = float(min(1.0, max(0.0, np.min(ratio))))
+        up, down = v > 0, v < 0
+        ratio = np.full(v.size, np.inf)
+        ratio[up] = vhi[up] / v[up]
+        ratio[down] = vlo[down] / v[down]
+        s_vel = min(1.0, max(0.0, float(ratio.min())))
         # joint-limit band: a joint moving outwards stops at the edge
         step = dq * s_vel
-        room = np.where(step > 0, hi - q, np.where(step < 0, q - lo, np.inf))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r_lim = np.where(np.abs(step) > 0, np.maximum(room, 0.0) / np.abs(step), np.inf)
-        s_lim = float(min(1.0, np.min(r_lim)))
+        up, down = step > 0, step < 0
+        room = np.full(v.size, np.inf)
+        room[up] = np.maximum(hi[up] - q[up], 0.0) / step[up]
+        room[down] = np.maximum(q[down] - lo[down], 0.0) / -step[down]
+        s_lim = min(1.0, float(room.min()))
         return q + step * s_lim, s_vel, s_lim < 1.0
+
+    def _damped(self, J: np.ndarray, e: np.ndarray, free: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(damped pseudo-inverse of J applied to e (n,), singular values of J (6,)); ``free`` = the
+        number of columns not zeroed (frozen joints do not count as a singularity)."""
+        U, sigma, Vt = np.linalg.svd(J, full_matrices=False)
+        cfg = self.cfg
+        s_min = sigma[min(sigma.size, free if free is not None else sigma.size) - 1]
+        lam2 = 0.0
+        if s_min < cfg.singular_region:
+            lam2 = cfg.damping ** 2 * (1.0 - (s_min / cfg.singular_region) ** 2)
+        lam2 = max(lam2, 1e-12)  # keeps the step finite when the rank is lost exactly
+        return Vt.T @ (sigma / (sigma * sigma + lam2) * (U.T @ e)), sigma
 
     def _dls(self, J: np.ndarray, e: np.ndarray, q: np.ndarray, lo: np.ndarray, hi: np.ndarray):
         """Damped pseudo-inverse step for the TCP error ``e`` (6,), joints outside the band frozen.
@@ -491,24 +501,17 @@ class Servo:
         as the smallest singular value falls below ``singular_region`` (Nakamura / Maciejewski):
         lambda^2 = damping^2 (1 - (sigma_min / singular_region)^2).
         """
-        cfg = self.cfg
-        sigma = np.linalg.svd(J, compute_uv=False)
-        lam2 = 0.0
-        if sigma[-1] < cfg.singular_region:
-            lam2 = cfg.damping ** 2 * (1.0 - (sigma[-1] / cfg.singular_region) ** 2)
-        lam2 = max(lam2, 1e-12)  # keeps J J^T + lam2 I invertible when the rank is lost exactly
+        dq, sigma = self._damped(J, e)
         frozen = np.zeros(q.size, bool)
         for _ in range(q.size):
-            Jw = J.copy()
-            Jw[:, frozen] = 0.0
-            A = Jw @ Jw.T
-            A.flat[::7] += lam2
-            dq = Jw.T @ np.linalg.solve(A, e)
             push = ((q >= hi - 1e-12) & (dq > 0)) | ((q <= lo + 1e-12) & (dq < 0))
             push &= ~frozen
             if not push.any():
                 break
             frozen |= push
+            Jw = J.copy()
+            Jw[:, frozen] = 0.0
+            dq = self._damped(Jw, e, int((~frozen).sum()))[0]
         dq[frozen] = 0.0
         return dq, sigma, frozen
 
