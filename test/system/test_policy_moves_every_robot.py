@@ -7,7 +7,9 @@ it emits actions. For each robot, from its ``sim_start`` (the WidowX: SimplerEnv
 - at least STEPS policy actions reach the servo and the arm moves;
 - the servo holds (sends no step for an action) on fewer than 5 % of them: near singularities and
   limits it carries out the feasible part instead of refusing the step;
-- every command at the controller topic is inside the robot's limits.
+- every command at the controller topic is inside the robot's limits: the JTC stream is run through
+  the independent :class:`~magma_ros.core.limit_audit.LimitAudit` (robot YAML limits and margin, on
+  the messages' own stamps: real elapsed time).
 
 Holds are counted as the actions the probe saw on ``magma/ee_twist`` less the steps the servo reports
 as applied in its diagnostics, after the policy process is stopped (so both counts are final).
@@ -37,11 +39,25 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("robot", ["fr3", "panda", "wx250s"])
 def test_random_policy_moves_the_arm_with_few_servo_holds(robot, ros_env, tmp_path, tiny_ckpt):
     from diagnostic_msgs.msg import DiagnosticArray
+    from trajectory_msgs.msg import JointTrajectory
 
+    from magma_ros.core.limit_audit import LimitAudit
     from magma_ros.demo import GraphProbe
     from magma_ros.launch_runner import LaunchRunner
 
     probe = GraphProbe(robot, "jtc")
+    rb = probe.robot
+    audit = LimitAudit(rb, 0.01, position_margin=rb.position_margin)  # safety output_rate 100 Hz
+    audited = []  # [number of JTC messages]
+
+    def on_jtc(m):
+        start = m.header.stamp.sec + m.header.stamp.nanosec * 1e-9  # the safety node stamps each message
+        order = [list(m.joint_names).index(j) for j in rb.arm_joints]
+        audit.trajectory(start, [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in m.points],
+                         [[p.positions[i] for i in order] for p in m.points])
+        audited.append(start)
+
+    probe.node.create_subscription(JointTrajectory, f"{rb.arm_controller}/joint_trajectory", on_jtc, 1000)
     servo_diag: dict[str, str] = {}
 
     def on_diag(m):
@@ -82,12 +98,13 @@ def test_random_policy_moves_the_arm_with_few_servo_holds(robot, ros_env, tmp_pa
         moved = probe.motion(t_first)
         print(f"{robot}: {n} actions, {applied} applied, holds {holds} ({holds / n:.1%}) {dropped}, "
               f"scaled {servo_diag.get('scaled')}, last condition number {servo_diag.get('condition_number')}, "
-              f"motion {moved:.3f} rad, {probe.limits.count} controller commands")
+              f"motion {moved:.3f} rad, {len(audited)} controller commands, peak velocity "
+              f"{audit.peak_velocity:.2f} / acceleration {audit.peak_acceleration:.2f} of the limits")
         assert applied >= STEPS - MAX_HOLDS * n, explain("too few applied steps")
         assert holds < MAX_HOLDS * n, explain(f"servo held on {holds} of {n} actions: {dropped}")
         assert moved > MOVED, explain(f"arm moved only {moved:.4f} rad")
-        assert probe.limits.count > STEPS, explain("too few controller commands")
-        assert not probe.limits.violations, explain(f"limit violations {probe.limits.violations[:10]}")
+        assert len(audited) > STEPS and all(t > 0 for t in audited), explain("too few / unstamped commands")
+        assert not audit.violations, explain(f"limit violations {audit.violations[:10]}")
     finally:
         runner.stop()
         probe.close()
