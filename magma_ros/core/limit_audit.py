@@ -36,7 +36,8 @@ import numpy as np
 from magma_ros.core.robot import RobotConfig, load_robot
 
 _JUMP = 1e-9  # [rad] a zero-duration piece may move at most this much (float rounding)
-_DV = 1e-9  # [rad/s] velocity differences below this are not a velocity change
+_DV = 1e-9  # [rad/s] velocity differences below this ...
+_DV_REL = 1e-6  # ... plus this fraction of the speed (nanosecond stamps) are not a velocity change
 
 
 @dataclass
@@ -75,7 +76,9 @@ class LimitAudit:
         self._q: np.ndarray | None = None  # position there
         self._v = np.zeros(r.dof)  # velocity of the piece ending there
         self._since = self.period  # time since the last velocity change (capped use)
-        self._pending: list[tuple[float, np.ndarray]] = []  # JTC: knots of the active message ahead
+        self._pT = np.zeros(0)  # JTC: knot times of the active message ...
+        self._pQ = np.zeros((0, r.dof))  # ... and positions
+        self._pi = 0  # the next knot not yet reached
 
     # ------------------------------------------------------------------------------------ input
     def start_at(self, t: float, q, v=None) -> None:
@@ -104,28 +107,33 @@ class LimitAudit:
     def trajectory(self, start: float, times, points) -> list[str]:
         """A JointTrajectory taking effect at ``start`` [s]: ``points`` [P][dof] at ``start + times``."""
         n = len(self.violations)
-        P = [self._arm(p, start) for p in points]
-        if not P or any(p is None for p in P):
+        try:
+            P = np.asarray(points, float)
+            ts = np.asarray(times, float).reshape(-1)
+        except ValueError:
+            P, ts = np.zeros((0, 0)), np.zeros(0)
+        if P.ndim != 2 or P.shape != (ts.size, self.robot.dof) or P.size == 0 or not np.all(np.isfinite(P)):
+            self.violations.append(f"t={start:.4f}: malformed trajectory (shape {P.shape})")
             return self.violations[n:]
-        ts = np.asarray(times, float).reshape(-1)
         if self._q is None:
             self._start(start, P[0])
         else:
             self.advance(start)
-        self._pending = [(start + float(dt), p) for dt, p in zip(ts, P) if dt > 0.0]
-        if len(self._pending) < len(P):  # a point at time 0 replaces the set-point at once
-            self._piece(start, P[[i for i, dt in enumerate(ts) if dt <= 0.0][-1]])
+        later = ts > 0.0
+        self._pT, self._pQ, self._pi = start + ts[later], P[later], 0
+        if not np.all(later):  # a point at time 0 replaces the set-point at once
+            self._piece(start, P[np.flatnonzero(~later)[-1]])
         return self.violations[n:]
 
     def advance(self, t: float) -> None:
         """Follow the active JTC path up to time ``t`` (held after its last point)."""
-        while self._pending and self._pending[0][0] <= t + 1e-12:
-            tk, qk = self._pending.pop(0)
-            self._piece(tk, qk)
+        while self._pi < len(self._pT) and self._pT[self._pi] <= t + 1e-12:
+            self._piece(float(self._pT[self._pi]), self._pQ[self._pi])
+            self._pi += 1
         if t <= self._t + 1e-12:
             return
-        if self._pending:  # split the current piece at t (same velocity: no knot)
-            tk, qk = self._pending[0]
+        if self._pi < len(self._pT):  # split the current piece at t (same velocity: no knot)
+            tk, qk = float(self._pT[self._pi]), self._pQ[self._pi]
             f = (t - self._t) / (tk - self._t)
             self._piece(t, self._q + f * (qk - self._q))
         else:
@@ -135,8 +143,8 @@ class LimitAudit:
         """Run the rest of the active JTC path (to ``until``, default its end and one period of hold)."""
         n = len(self.violations)
         if self._q is not None:
-            end = until if until is not None else (self._pending[-1][0] if self._pending else self._t) + self.period
-            self.advance(end)
+            last = float(self._pT[-1]) if self._pi < len(self._pT) else self._t
+            self.advance(until if until is not None else last + self.period)
         return self.violations[n:]
 
     # ---------------------------------------------------------------------------------- checks
@@ -182,7 +190,7 @@ class LimitAudit:
                                    f"(limit [{vlo[i]:.4f}, {vhi[i]:.4f}])")
         self.peak_velocity = max(self.peak_velocity, float(np.max(np.abs(v) / self.v_max)))
         dv = np.abs(v - self._v)
-        if np.any(dv > _DV):
+        if np.any(dv > _DV + _DV_REL * np.maximum(np.abs(v), np.abs(self._v))):
             w = min(self._since, self.period)
             allowed = self.a_max * w
             for i in np.flatnonzero(dv > allowed * slack + 1e-6):

@@ -345,6 +345,7 @@ class SafetyFilter:
         self.estopped = False
         self.policy_enabled = True
         self.await_start = False  # after a reset / following error: nothing moves until a deliberate start
+        self._await_reason = ("", "")  # (hold reason, detail) of that wait
         self.active: _Command | None = None
         self.last_valid = {s: -math.inf for s in SOURCES}
         self._teleop_seen = -math.inf  # last teleop message of any kind (a new session starts after silence)
@@ -551,6 +552,7 @@ class SafetyFilter:
         return True, "policy may drive again (from its next valid command)"
 
     def _await(self, reason: str, detail: str = "") -> None:
+        self._await_reason = (reason, detail)
         self.await_start = True
         self.policy_enabled = False
         self._hold(reason)
@@ -666,6 +668,8 @@ class SafetyFilter:
         if not self.estopped:
             if not self._state_fresh(t):
                 self._hold("stale joint states")
+            elif self.await_start and self.hold_reason == "stale joint states":  # fresh again: still waiting
+                self.hold_reason, self.hold_detail = self._await_reason
             elif (self.active is not None
                   and t - self.last_valid[self.active.source] > self.cfg.command_timeout):
                 self._hold("teleop timeout" if self.active.source == "teleop" else "command timeout")

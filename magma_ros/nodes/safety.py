@@ -20,6 +20,7 @@ a robot.
 
 from __future__ import annotations
 
+from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
@@ -32,7 +33,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from magma_ros.core.errors import ConfigError
 from magma_ros.core.robot import load_robot
 from magma_ros.core.safety import SafetyConfig, SafetyFilter
-from magma_ros.nodes._common import declare_config, diagnostic_array, run_node, to_duration_msg, to_seconds, to_time_msg
+from magma_ros.nodes._common import declare_config, diagnostic_array, run_node, to_duration_msg, to_seconds
 
 LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -44,6 +45,7 @@ class SafetyNode(Node):
 
     def __init__(self):
         super().__init__("safety")
+        self._origin: int | None = None  # [s] whole-second origin of the filter's time base
         self.cfg = declare_config(self, SafetyConfig)
         self.declare_parameter("franka_gripper_ns", "franka_gripper")  # UNVERIFIED name; see docs
         self.declare_parameter("franka_grasp_force", 20.0)  # [N] franka_gripper grasp force
@@ -109,12 +111,30 @@ class SafetyNode(Node):
             f"'{self.resolve_topic_name(r.joint_states_topic)}'")
 
     # --------------------------------------------------------------------------------------- time
+    # The filter runs on seconds since a whole-second origin taken at start-up: an epoch time (1.8e9 s)
+    # as a float resolves only ~0.2 µs, too coarse for limits checked over a few milliseconds.
     def _now(self) -> float:
-        return self.get_clock().now().nanoseconds * 1e-9
+        ns = self.get_clock().now().nanoseconds
+        if self._origin is None:
+            self._origin = ns // 1_000_000_000
+        return (ns - self._origin * 1_000_000_000) * 1e-9
+
+    def _stamp(self, stamp) -> float:
+        """A header stamp on the filter's time base (a zero stamp stays 0: "now")."""
+        if stamp.sec == 0 and stamp.nanosec == 0:
+            return 0.0
+        if self._origin is None:
+            self._now()
+        return (stamp.sec - self._origin) + stamp.nanosec * 1e-9
+
+    def _time_msg(self, t: float):
+        """Filter time -> builtin_interfaces/Time (integer arithmetic: no precision lost)."""
+        ns = self._origin * 1_000_000_000 + int(round(t * 1e9))
+        return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
     # ------------------------------------------------------------------------------------- inputs
     def _on_joint_state(self, msg: JointState) -> None:
-        err = self.filter.on_joint_state(msg.name, msg.position, self._now(), to_seconds(msg.header.stamp))
+        err = self.filter.on_joint_state(msg.name, msg.position, self._now(), self._stamp(msg.header.stamp))
         if err:
             self._note_rejection(f"joint state ignored: {err}")
         elif self.filter.hold_reason == "following error":
@@ -126,7 +146,7 @@ class SafetyNode(Node):
             positions = [list(p.positions) for p in msg.points]
             times = [to_seconds(p.time_from_start) for p in msg.points]
             verdict = self.filter.on_command(source, msg.joint_names, positions, times,
-                                             to_seconds(msg.header.stamp), t)
+                                             self._stamp(msg.header.stamp), t)
         except Exception as e:  # noqa: BLE001 - a command must never take the safety path down
             self.filter.last_rejection = f"malformed command ({type(e).__name__}: {e})"
             self._note_rejection(f"{source} command rejected: {self.filter.last_rejection}")
@@ -202,7 +222,7 @@ class SafetyNode(Node):
 
     def _restamp(self, t: float):
         msg = self._last_out
-        msg.header.stamp = to_time_msg(t)
+        msg.header.stamp = self._time_msg(t)
         return msg
 
     def _inject_fault(self) -> None:
@@ -226,7 +246,7 @@ class SafetyNode(Node):
         if self.controller == "jtc":
             msg = JointTrajectory()
             if self.cfg.jtc_stamp == "tick":  # the path the filter planned, on the node clock
-                msg.header.stamp = to_time_msg(t)
+                msg.header.stamp = self._time_msg(t)
             msg.joint_names = list(r.arm_joints)
             for i, q in enumerate(self.filter.jtc_points()):  # next point + braking tail
                 msg.points.append(JointTrajectoryPoint(positions=[float(x) for x in q],
@@ -235,7 +255,7 @@ class SafetyNode(Node):
             msg = Float64MultiArray(data=[float(x) for x in out.positions])
         else:
             msg = JointState()
-            msg.header.stamp = to_time_msg(t)  # the step time: the set-point is for t + dt
+            msg.header.stamp = self._time_msg(t)  # the step time: the set-point is for t + dt
             names, pos = list(r.arm_joints), [float(x) for x in out.positions]
             if self.gripper_mode == "joint_command" and out.gripper is not None:
                 g = r.gripper
