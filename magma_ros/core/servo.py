@@ -293,6 +293,11 @@ class Servo:
         return self._q is not None
 
     @property
+    def position_band(self) -> tuple[np.ndarray, np.ndarray]:
+        """([dof], [dof]) [rad] the joint range the servo plans in: the limits less ``position_margin``."""
+        return self._q_lo.copy(), self._q_hi.copy()
+
+    @property
     def target_q(self) -> np.ndarray | None:
         return None if self._target_q is None else self._target_q.copy()
 

@@ -363,10 +363,15 @@ def test_joint_velocity_limits_scale_the_step_and_keep_its_direction():
 def test_servo_plans_inside_the_position_margin_the_safety_node_keeps(name):
     """One margin (RobotConfig.position_margin) for servo and safety: a step driving a joint towards its
     limit stops at the band's edge, so nothing the servo sends is clamped downstream."""
+    from magma_ros.core.safety import SafetyFilter
+
     rb = load_robot(name)
     kin = Kinematics(rb)
     assert rb.position_margin == pytest.approx(0.05)
     servo = Servo(rb, kin, ServoConfig(robot=name, step_period=T))
+    safety = SafetyFilter(rb)  # its default configuration: the margin from the robot YAML
+    lo, hi = servo.position_band
+    assert np.allclose(lo, safety.q_lo) and np.allclose(hi, safety.q_hi)  # one band, one source
     q0 = start_q(rb)
     q0[0] = rb.position_max[0] - 0.08  # the base joint 3 cm inside the band's edge
     state(servo, rb, q0, 0.0)
