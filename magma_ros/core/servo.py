@@ -216,8 +216,8 @@ class Servo:
     """Turns base-frame twists and a normalized gripper into joint commands (one step each).
 
     ``kinematics`` is a :class:`magma_ros.core.kinematics.Kinematics` for ``robot`` (``fk(q)``,
-    ``solve(T, q_seed)``, ``solve_delta(q, dpos, drotvec, q_seed)``). All times are seconds on one
-    clock (the node clock; sim time under ``use_sim_time``).
+    ``jacobian(q)``, ``jacobian_pose(q)``; ``lower``/``upper`` when it narrows the limits). All times
+    are seconds on one clock (the node clock; sim time under ``use_sim_time``).
     """
 
     def __init__(self, robot: RobotConfig, kinematics, config: ServoConfig | None = None):
