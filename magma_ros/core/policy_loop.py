@@ -291,15 +291,13 @@ class PolicyLoop:
         self.check_clock(now)
         kind, age = stamp_age(frame.stamp if frame.stamp > 0.0 else frame.received, now, self.image_timeout,
                               self.future_tolerance)
-        if kind == "future":
-            self.stats.future += 1
-            why = f"image stamped {-age:.2f} s ahead of the clock (from before a clock reset?): dropped"
-            self.stats.last_reason = why
-            self.report(why)
-            return why
-        if kind == "stale":
-            self.stats.stale += 1
-            why = f"stale image: {age:.2f} s old > image_timeout {self.image_timeout} s"
+        if kind:
+            if kind == "future":
+                self.stats.future += 1
+                why = f"image stamped {-age:.2f} s ahead of the clock (from before a clock reset?): dropped"
+            else:
+                self.stats.stale += 1
+                why = f"stale image: {age:.2f} s old > image_timeout {self.image_timeout} s"
             self.stats.last_reason = why
             self.report(why)
             return why
