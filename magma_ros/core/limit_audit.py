@@ -159,7 +159,10 @@ class LimitAudit:
         self._t, self._q = t, q.copy()
         self._v = np.zeros_like(q)
         self._since = self.period
-        self._check_position(q, q, t)
+        r = self.robot  # a start may lie outside the margin band (then only move back), never outside the limits
+        for i in np.flatnonzero((q < r.position_min - 1e-9) | (q > r.position_max + 1e-9)):
+            self.violations.append(f"t={t:.4f}: {self.names[i]} starts at {q[i]:.5f} outside "
+                                   f"[{r.position_min[i]:.5f}, {r.position_max[i]:.5f}]")
 
     def _check_position(self, q0: np.ndarray, q1: np.ndarray, t: float) -> None:
         lo = np.minimum(self.q_lo, q0) - 1e-9  # outside the band (start-up): never further out

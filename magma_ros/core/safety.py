@@ -249,15 +249,13 @@ class _Path:
         self.V = np.vstack((V, np.zeros((1, self.Q.shape[1]))))  # [K, dof] piece k starts at knot k; hold at the end
         prev = np.vstack((self.v_before[None], self.V[:-1]))
         self.change = np.any(np.abs(self.V - prev) > _DV, axis=1)  # [K]
-        self.acc = np.zeros_like(self.V)
-        since, a = self.since_before, self.a_before
-        for k in range(len(self.T)):
-            if k > 0:
-                since += self.T[k] - self.T[k - 1]
-            if self.change[k]:
-                a = (self.V[k] - prev[k]) / max(min(since, self.dt), 1e-12)
-                since = 0.0
-            self.acc[k] = a
+        C = np.flatnonzero(self.change)  # knots where the velocity changes
+        before = np.concatenate(([self.T[0] - self.since_before], self.T[C[:-1]]))  # the change before each
+        w = np.maximum(np.minimum(self.T[C] - before, self.dt), 1e-12)
+        acc_c = (self.V[C] - prev[C]) / w[:, None]  # [len(C), dof]
+        last = np.maximum.accumulate(np.where(self.change, np.arange(len(self.T)), -1))  # last change <= k
+        self.acc = np.where((last >= 0)[:, None], acc_c[np.searchsorted(C, np.maximum(last, 0))]
+                            if C.size else 0.0, self.a_before)
 
     def state(self, t: float) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
         """(position, velocity, time since the last velocity change, acceleration there) at ``t``."""
@@ -337,7 +335,8 @@ class SafetyFilter:
         self.a = np.zeros(n)  # [dof] acceleration at the last velocity change
         self._since = math.inf  # [s] forward/isaac: time since the last velocity change, at the last output
         self._path: _Path | None = None  # jtc: what the controller executes after our last message
-        self._history: deque = deque()  # (time, q) knots of the commanded path (following error)
+        self._hist_T = np.zeros(0)  # [H] s: knots of the commanded path (following error) ...
+        self._hist_Q = np.zeros((0, n))  # [H, dof] ... and their positions
         self.g: float | None = None  # last gripper output [m]
         self.g_target: float | None = None
         self.initialized = False
@@ -580,18 +579,35 @@ class SafetyFilter:
 
     def commanded_range(self, t0: float, t1: float) -> tuple[np.ndarray, np.ndarray] | None:
         """Per-joint (min, max) of the commanded path over [t0, t1] (None before any output)."""
-        if not self._history:
+        T, Q = self._hist_T, self._hist_Q
+        if T.size == 0:
             return None
-        T = np.array([h[0] for h in self._history])
-        Q = np.array([h[1] for h in self._history])
-        if self._path is not None:  # beyond the last output: what the controller executes (tail)
+        if self._path is not None and t1 > T[-1]:  # beyond the last output: what the controller executes
             extra = self._path.T > T[-1]
             T, Q = np.concatenate((T, self._path.T[extra])), np.vstack((Q, self._path.Q[extra]))
         t0, t1 = min(max(t0, T[0]), T[-1]), min(max(t1, T[0]), T[-1])
-        ends = np.array([[np.interp(x, T, Q[:, j]) for j in range(Q.shape[1])] for x in (t0, t1)])
-        inside = Q[(T > t0) & (T < t1)]
+        i0, i1 = np.searchsorted(T, [t0, t1], side="left")
+        lo, hi = max(i0 - 1, 0), min(i1 + 1, T.size)
+        Tw, Qw = T[lo:hi], Q[lo:hi]  # the knots around the window
+        ends = np.stack([self._interp(Tw, Qw, t0), self._interp(Tw, Qw, t1)])
+        inside = Qw[(Tw > t0) & (Tw < t1)]
         allq = np.vstack((ends, inside))
         return allq.min(axis=0), allq.max(axis=0)
+
+    @staticmethod
+    def _interp(T: np.ndarray, Q: np.ndarray, t: float) -> np.ndarray:
+        i = int(np.clip(np.searchsorted(T, t, side="right") - 1, 0, max(T.size - 2, 0)))
+        if T.size == 1 or T[i + 1] <= T[i]:
+            return Q[min(i, T.size - 1)]
+        f = min(max((t - T[i]) / (T[i + 1] - T[i]), 0.0), 1.0)
+        return Q[i] + f * (Q[i + 1] - Q[i])
+
+    def _remember(self, t: float, q: np.ndarray) -> None:
+        """Add a knot of the commanded path; keep the last 1.5 s."""
+        self._hist_T = np.append(self._hist_T, t)
+        self._hist_Q = np.vstack((self._hist_Q, q[None]))
+        if self._hist_T.size > 64 and self._hist_T[32] < t - 1.5:
+            self._hist_T, self._hist_Q = self._hist_T[32:], self._hist_Q[32:]
 
     def _check_following(self, q: np.ndarray, s: float) -> None:
         rng = self.commanded_range(s - self.fe_lag, s)
@@ -631,8 +647,8 @@ class SafetyFilter:
             self.g = float(np.clip(self.measured_gripper, g.low, g.high))
         self.g_target = self.g
         self.initialized = True
-        self._history.clear()
-        self._history.append((t + self.dt, self.q.copy()))
+        self._hist_T, self._hist_Q = np.zeros(0), np.zeros((0, self.q.size))
+        self._remember(t + self.dt, self.q.copy())
         if self.path_mode:
             self._path = _Path(np.array([t, t + self.dt]), np.stack([self.q, self.q]), self.v.copy(),
                                math.inf, self.a.copy(), self.dt)
@@ -695,12 +711,10 @@ class SafetyFilter:
                 tail = self.braking_tail(q_new, v_new, a_new, max_points=2000)
             T = t + self.dt * np.arange(len(tail) + 2)
             self._path = _Path(T, np.vstack((q0[None], q_new[None], tail)), v0, since0, a0, self.dt)
-            self._history.append((t, q0.copy()))
+            self._remember(t, q0.copy())
         else:
             self._since = self._h if changed else self._since + self._h
-        self._history.append((t + self.dt, q_new.copy()))
-        while len(self._history) > 2 and self._history[1][0] < t - 1.5:
-            self._history.popleft()
+        self._remember(t + self.dt, q_new.copy())
         self.q, self.v, self.a = q_new, v_new, a_new
         self._t_last = t
         # gripper
@@ -719,7 +733,7 @@ class SafetyFilter:
         self._t_last += delta
         if self._path is not None:
             self._path.shift(delta)
-        self._history = deque((t + delta, q) for t, q in self._history)
+        self._hist_T = self._hist_T + delta
         self._samples.clear()
         self.measured_t = -math.inf
         self.last_valid = {s: -math.inf for s in SOURCES}
