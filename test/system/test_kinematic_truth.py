@@ -241,5 +241,6 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
         p0, p1 = tcp_at(marks[k]), tcp_at(marks[k + 1])
         e_pos = np.linalg.norm((p1[:3, 3] - p0[:3, 3]) - a[:3])
         e_rot = angle_between(rpy_matrix(*a[3:6]) @ p0[:3, :3], p1[:3, :3])
-        print(f"{name} step {k}: {e_pos * 1e3:.3f} mm, {math.degrees(e_rot):.3f} deg")
+        print(f"{name} step {k}: {e_pos * 1e3:.3f} mm, {math.degrees(e_rot):.3f} deg; TCP moved "
+              f"{np.round((p1[:3, 3] - p0[:3, 3]) * 1e3, 2)} mm in [{marks[k]:.2f}, {marks[k + 1]:.2f}] s")
         assert e_pos <= 2e-3 and math.degrees(e_rot) <= 1.0, (k, e_pos, math.degrees(e_rot), diags)
