@@ -53,7 +53,7 @@ class Probe:
         self._C, self._E = Clock, Empty
         self.dt = 1.0 / float(params.get("output_rate", 100.0))
         # the oracle: the robot YAML's limits (and margin), the scales the node was started with
-        self.checker = LimitAudit(robot.name, self.dt, position_margin=robot.position_margin,
+        self.checker = LimitAudit(robot.name, self.dt, position_margin=getattr(robot, "position_margin", 0.05),
                                   velocity_scale=float(params.get("velocity_scale", 1.0)),
                                   acceleration_scale=float(params.get("acceleration_scale", 1.0)),
                                   max_gap=float(params.get("max_output_gap", 0.05)), tol=2e-4)
