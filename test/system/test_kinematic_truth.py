@@ -244,3 +244,17 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
         print(f"{name} step {k}: {e_pos * 1e3:.3f} mm, {math.degrees(e_rot):.3f} deg; TCP moved "
               f"{np.round((p1[:3, 3] - p0[:3, 3]) * 1e3, 2)} mm in [{marks[k]:.2f}, {marks[k + 1]:.2f}] s")
         assert e_pos <= 2e-3 and math.degrees(e_rot) <= 1.0, (k, e_pos, math.degrees(e_rot), diags)
+
+
+def test_sim_times_a_stamped_trajectory_from_its_stamp_like_jtc():
+    """The safety node stamps each JointTrajectory with its step time (ros2_control's JTC starts a
+    trajectory at a non-zero header stamp). The simulator must do the same, or every message would
+    start a transport delay late and the arm would fall behind the command stream; a zero stamp or one
+    on another clock (the wall clock against sim time) counts from receipt, so it cannot stall the arm."""
+    from magma_ros.nodes.sim import STAMP_WINDOW, stamped_times
+
+    times = np.array([0.01, 0.02, 0.03])
+    np.testing.assert_allclose(stamped_times(times, 100.0, 100.015), [-0.005, 0.005, 0.015])  # 15 ms late
+    np.testing.assert_allclose(stamped_times(times, 0.0, 100.015), times)  # zero stamp: "now"
+    np.testing.assert_allclose(stamped_times(times, 1.8e9, 100.0), times)  # wall clock vs sim time
+    np.testing.assert_allclose(stamped_times(times, 100.0 - 2 * STAMP_WINDOW, 100.0), times)
