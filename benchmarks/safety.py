@@ -161,12 +161,13 @@ def fuzz(n_messages: int, seed: int = 0) -> dict:
                 f.resume_policy(t)
             if pyr.random() < 0.6:  # output steps
                 for _ in range(pyr.randint(1, 4)):
-                    out = f.step(t)
-                    if out is not None:
-                        pts = f.jtc_points()
-                        viol += bool(chk.trajectory(t, [(i + 1) * DT for i in range(len(pts))], pts))
-                        steps += 1
+                    out, t_step = f.step(t), t
                     t += DT * pyr.choice([1.0, 1.0, 1.0, 0.3, 1.6, 3.0])  # ticks on time, early, late
+                    if out is None:
+                        continue
+                    pts = f.jtc_points()
+                    viol += bool(chk.trajectory(t_step, [(i + 1) * DT for i in range(len(pts))], pts))
+                    steps += 1
                     measured = np.clip(out.positions + rng.normal(0, 0.0005, n), lo, hi)
         per_robot[robot] = (msgs, steps, viol)
         total_viol += viol
