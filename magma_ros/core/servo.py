@@ -174,8 +174,8 @@ class ServoStats:
     last_step: StepInfo | None = None
 
     def drop(self, reason: str) -> None:
-        """Count one held twist under the first word of ``reason``."""
-        key = reason.split(":")[0]
+        """Count one held twist under the kind of ``reason`` (the text before ':' or ' (')."""
+        key = reason.split(":")[0].split(" (")[0]  # the kind, not its figures (one diagnostics key each)
         self.dropped[key] = self.dropped.get(key, 0) + 1
 
 

@@ -157,6 +157,7 @@ def test_no_or_stale_joint_states_hold():
     state(servo, rb, rb.home, 1.0)
     res = servo.on_twist(2.0, [0.01, 0, 0], [0, 0, 0], now=2.0)
     assert res.command is None and res.reason.startswith("joint states stale")
+    assert servo.stats.dropped == {"no joint states yet": 1, "joint states stale": 1}  # kinds, not figures
     assert not servo.update_state(["fr3_joint1"], [0.0], 2.0)  # missing arm joints refused
 
 
