@@ -441,7 +441,9 @@ def main() -> int:
                   f"| e-stop published → that output received | {la['n']} | {la['p50']:.2f} | "
                   f"{la['p99']:.2f} | {la['mean']:.2f} | {la['max']:.2f} |", "",
                   "Both include the wait for the next output tick (0–10 ms at 100 Hz) by design: outputs "
-                  "leave at a fixed rate."]
+                  "leave at a fixed rate. The e-stop rows take the start of the monotone stop that ends at "
+                  "rest; on a loaded machine the stream is often already slowing (late commands) when the "
+                  "e-stop arrives, which gives the 0 ms medians: read the p99."]
     if not args.no_write:
         write_section("safety", "\n".join(lines))
     if not args.no_write and not args.no_jtc:
