@@ -23,12 +23,12 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from magma_ros.core.errors import ConfigError, choose
+from magma_ros.core.limit_audit import LimitAudit
 from magma_ros.core.robot import ROBOTS, RobotConfig, load_robot
 from magma_ros.nodes._common import to_seconds
 
@@ -67,45 +67,6 @@ def controller_topic(robot: RobotConfig, controller: str) -> str:
             "forward": f"{robot.forward_controller}/commands", "isaac": "joint_command"}[controller]
 
 
-@dataclass
-class LimitCheck:
-    """Every command at the controller topic against the robot's position and velocity limits."""
-
-    robot: RobotConfig
-    tolerance: float = 1e-6  # [rad] position slack (float formatting)
-    velocity_slack: float = 1.05  # velocity limit factor (interpolation rounding)
-    count: int = 0
-    violations: list[str] = field(default_factory=list)
-    _last: np.ndarray | None = None
-
-    def check(self, q: np.ndarray, dt: float | None) -> None:
-        """Check one command ``q`` (arm joint order) to be reached ``dt`` seconds after the previous one."""
-        self.count += 1
-        self.check_segment(self._last, q, dt)
-        if q.shape == (self.robot.dof,) and np.all(np.isfinite(q)):
-            self._last = q.copy()
-
-    def check_segment(self, q0: np.ndarray | None, q: np.ndarray, dt: float | None) -> None:
-        """Position limits of ``q``; velocity limits of the move ``q0`` -> ``q`` in ``dt`` seconds."""
-        r = self.robot
-        if q.shape != (r.dof,) or not np.all(np.isfinite(q)):
-            self.violations.append(f"#{self.count}: malformed command {q}")
-            return
-        low = q < r.position_min - self.tolerance
-        high = q > r.position_max + self.tolerance
-        for i in np.flatnonzero(low | high):
-            self.violations.append(f"#{self.count}: {r.arm_joints[i]} = {q[i]:.4f} outside "
-                                   f"[{r.position_min[i]:.4f}, {r.position_max[i]:.4f}]")
-        if q0 is not None and dt is not None:
-            if dt <= 0:
-                self.violations.append(f"#{self.count}: non-increasing time_from_start ({dt:.4f} s)")
-                return
-            v = np.abs(q - q0) / dt
-            for i in np.flatnonzero(v > r.velocity_max * self.velocity_slack + 1e-6):
-                self.violations.append(f"#{self.count}: {r.arm_joints[i]} moves {v[i]:.3f} rad/s over "
-                                       f"{dt:.4f} s (limit {r.velocity_max[i]:.3f})")
-
-
 class GraphProbe:
     """An rclpy node (own context, background thread) that watches and pokes the running graph."""
 
@@ -124,8 +85,12 @@ class GraphProbe:
 
         self.robot = load_robot(robot)
         self.controller = controller
-        self.limits = LimitCheck(self.robot)
         self.output_period = output_period  # [s] safety output period (1 / output_rate)
+        # every command at the controller topic against the robot YAML's hard limits, on real elapsed
+        # time (the outputs' stamps), as the controller executes it; audited lazily (see `limits`)
+        self._audit = LimitAudit(self.robot, output_period)
+        self._raw: list = []  # (start time, JointTrajectory | positions) not yet audited
+        self.command_count = 0
         self.lock = threading.Lock()
         self.ctx = rclpy.Context()
         rclpy.init(context=self.ctx)
@@ -162,6 +127,8 @@ class GraphProbe:
             except (ValueError, IndexError):
                 return None
 
+        self._to_q = to_q
+
         def on_js(m):
             q = to_q(m.name, m.position)
             self.js_stamp = m.header.stamp
@@ -171,29 +138,21 @@ class GraphProbe:
                     self.q_log.append((time.monotonic(), q))
 
         def on_traj(m):
-            # A new trajectory replaces the previous one at its first point (JTC semantics): the first
-            # point is checked against the previous message's first point over its time_from_start,
-            # later points (e.g. a braking tail) against the point before them.
-            if not m.points:
-                return self._command(np.full(self.robot.dof, np.nan), None)
-            prev_q, prev_t = None, 0.0
-            for j, p in enumerate(m.points):
-                q = to_q(m.joint_names, p.positions)
-                q = np.full(self.robot.dof, np.nan) if q is None else q
-                t = to_seconds(p.time_from_start)
-                if j == 0:
-                    self._command(q, t)
-                else:
-                    with self.lock:
-                        self.limits.check_segment(prev_q, q, t - prev_t)
-                prev_q, prev_t = q, t
+            # JTC semantics: a message replaces the rest of the previous one at its stamp (zero: on
+            # arrival), from where that path is then, through its points at stamp + time_from_start.
+            stamp = to_seconds(m.header.stamp)
+            start = stamp if stamp > 0 else self.node.get_clock().now().nanoseconds * 1e-9
+            q = to_q(m.joint_names, m.points[0].positions) if m.points else None
+            self._command(np.full(self.robot.dof, np.nan) if q is None else q, (start, m))
 
-        def on_forward(m):
-            self._command(np.asarray(m.data, dtype=float), None)
+        def on_forward(m):  # no stamp: on-time ticks assumed (the nominal output period)
+            q = np.asarray(m.data, dtype=float)
+            self._command(q, (self.command_count * self.output_period, q))
 
         def on_isaac(m):
             q = to_q(m.name, m.position)
-            self._command(np.full(self.robot.dof, np.nan) if q is None else q, None)
+            q = np.full(self.robot.dof, np.nan) if q is None else q
+            self._command(q, (to_seconds(m.header.stamp), q))
 
         def on_image(m):  # keep the executor light: conversion and encoding run in _encode
             self.frames += 1
@@ -281,13 +240,27 @@ class GraphProbe:
 
         return None if self._image_msg is None else image_to_rgb(self._image_msg)
 
-    def _command(self, q: np.ndarray, dt: float | None) -> None:
+    def _command(self, q: np.ndarray, raw) -> None:
         with self.lock:
-            now = time.monotonic()
-            if dt is None:  # forward/isaac carry no period: the safety node's nominal output period
-                dt = self.output_period
-            self.limits.check(q, dt)
-            self.commands.append((now, q))
+            self.command_count += 1
+            self.commands.append((time.monotonic(), q))
+            self._raw.append(raw)
+
+    @property
+    def limits(self) -> LimitAudit:
+        """The limit audit of every command received so far (``violations``, ``pieces``, ...)."""
+        to_q = self._to_q
+        with self.lock:
+            raw, self._raw = self._raw, []
+        for start, m in raw:
+            if isinstance(m, np.ndarray):
+                self._audit.point(start, m)
+                continue
+            pts = [to_q(m.joint_names, p.positions) for p in m.points]
+            if any(p is None for p in pts):
+                pts = [np.full(self.robot.dof, np.nan)]
+            self._audit.trajectory(start, [to_seconds(p.time_from_start) for p in m.points], pts)
+        return self._audit
 
     def _spin(self) -> None:
         from rclpy.executors import ExternalShutdownException
@@ -496,6 +469,7 @@ def _run(a) -> int:
     tom_missing = "none received" + (" (--tom-rate 0)" if not a.tom_rate else "")
     moved = probe.motion(t_first)
     iv = probe.interventions()
+    audit = probe.limits
     lines = [
         "",
         "==================== magma_ros demo summary ====================",
@@ -504,8 +478,8 @@ def _run(a) -> int:
                                            else ""),
         f"steps            {steps} policy actions (magma/ee_twist)",
         f"control rate     {rate:.2f} Hz achieved (policy step period 0.2 s = 5 Hz target)",
-        f"controller cmds  {probe.limits.count} at /{controller_topic(robot, a.controller)}, "
-        f"{len(probe.limits.violations)} outside limits",
+        f"controller cmds  {probe.command_count} at /{controller_topic(robot, a.controller)}, "
+        f"{len(audit.violations)} outside limits (position, velocity, acceleration on real elapsed time)",
         f"arm motion       {moved:.3f} rad largest joint excursion",
         "safety           " + (", ".join(f"{k} x{v}" for k, v in iv.items()) or "no interventions")
         + f"; final state '{probe.state or '?'}'",
@@ -515,9 +489,9 @@ def _run(a) -> int:
         "================================================================",
     ]
     print("\n".join(lines), flush=True)
-    for v in probe.limits.violations[:5]:
+    for v in audit.violations[:5]:
         _say(f"LIMIT VIOLATION {v}")
-    return 0 if ok and not probe.limits.violations else 1
+    return 0 if ok and not audit.violations else 1
 
 
 def _fail(runner) -> int:

@@ -257,6 +257,13 @@ class Kinematics:
         q = self._check_q(q)
         return self._jac(q)[0]
 
+    def jacobian_pose(self, q) -> tuple[np.ndarray, np.ndarray]:
+        """(TCP Jacobian (6, n) as :meth:`jacobian`, TCP pose (4, 4) as :meth:`fk`) from one kinematics pass."""
+        J, p, R = self._jac(self._check_q(q))
+        T = np.eye(4)
+        T[:3, :3], T[:3, 3] = R, p
+        return J, T
+
     def _jac(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(J (6, n), p (3,), R (3, 3)) of the TCP in base frame; one kinematics pass."""
         qp = self._to_pin(q)

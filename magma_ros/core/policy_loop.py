@@ -14,6 +14,10 @@ Data flow (the policy node wires ROS topics to this):
   Slower inference just means fewer actions (the servo holds between them).
 - A policy is anything with ``infer(obs: dict) -> dict`` (``MagmaPolicy``, ``RemotePolicy``,
   :class:`ScriptedPolicy`); its output ``{"action": (7,), "valid": bool, "reason": str}``.
+- The node clock running back (a simulator reset, a looping bag under ``use_sim_time``) resets the
+  step gating (reported once): otherwise every new frame would count as "within the step period" of
+  the last action until the clock caught up. Frames stamped more than ``future_tolerance`` ahead of
+  the clock (from before the reset) are dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from magma_ros.core.actions import action_to_twist
+from magma_ros.core.checks import stamp_age
 from magma_ros.core.errors import ConfigError
 
 
@@ -91,11 +96,6 @@ class Mailbox:
     @property
     def closed(self) -> bool:
         return self._closed
-
-
-def frame_age(frame: Frame, now: float) -> float:
-    """Age [s] of a frame: now - stamp (a zero stamp counts from arrival)."""
-    return now - (frame.stamp if frame.stamp > 0.0 else frame.received)
 
 
 class ScriptedPolicy:
@@ -176,6 +176,8 @@ class LoopStats:
     published: int = 0
     invalid: int = 0
     stale: int = 0
+    future: int = 0  # frames stamped ahead of the clock (from before a clock reset)
+    clock_resets: int = 0  # the node clock jumped back: step gating reset
     skipped_step: int = 0  # frames inside the current step period (not acted on)
     errors: int = 0
     last_reason: str = ""
@@ -201,7 +203,8 @@ class PolicyLoop:
 
     def __init__(self, policy, step_period: float, image_timeout: float, now: Callable[[], float],
                  publish: Callable[[PolicyAction], None], report: Callable[[str], None] | None = None,
-                 instruction: str = "", nice: int = 0, ready: Callable[[], str] | None = None):
+                 instruction: str = "", nice: int = 0, ready: Callable[[], str] | None = None,
+                 clock_jump: float = 0.1, future_tolerance: float = 0.5):
         if not step_period > 0:
             raise ConfigError(f"step_period must be > 0 s, got {step_period}")
         self.policy = policy
@@ -218,14 +221,37 @@ class PolicyLoop:
         self._reset_pending = False
         self._last_action_stamp = -math.inf
         self._last_received = None  # node time of the last frame offered
+        self.clock_jump = float(clock_jump)  # [s] the clock running back by more than this = a reset
+        self.future_tolerance = float(future_tolerance)  # [s] frames stamped further ahead are dropped
+        self._clock = -math.inf  # latest node time seen
         self._thread: threading.Thread | None = None
         self.busy = threading.Event()  # set while infer() runs
 
     # -------------------------------------------------------------- inputs
     def offer(self, frame: Frame) -> None:
         """Hand over a new frame (from the image callback); never blocks."""
+        self.check_clock(frame.received)
         self._last_received = frame.received
         self.mailbox.put(frame)
+
+    def check_clock(self, now: float) -> bool:
+        """Detect the node clock jumping back (True once per jump) and reset the stamp state.
+
+        The last action's stamp and the last arrival time are on the old clock: kept, every new frame
+        would be "within the step period" (no action until the clock caught up) and the camera would
+        look fresh whatever happened. Both are dropped; one line goes to ``report``.
+        """
+        now = float(now)
+        if now < self._clock - self.clock_jump:
+            back = self._clock - now
+            self._clock = now
+            self._last_action_stamp = -math.inf
+            self._last_received = None
+            self.stats.clock_resets += 1
+            self.report(f"clock jumped back {back:.3f} s (to {now:.3f} s): step gating reset")
+            return True
+        self._clock = max(self._clock, now)
+        return False
 
     def set_instruction(self, text: str) -> None:
         """New task: used from the next inference on; a changed text also resets the policy's
@@ -241,6 +267,7 @@ class PolicyLoop:
 
     def camera_stale(self, now: float) -> str:
         """'' if frames arrive; else why the camera counts as stale (node clock)."""
+        self.check_clock(now)
         if self._last_received is None:
             return "no image received yet"
         age = now - self._last_received
@@ -261,10 +288,16 @@ class PolicyLoop:
         if frame is None:
             return "no frame"
         now = self.now()
-        age = frame_age(frame, now)
-        if age > self.image_timeout:
-            self.stats.stale += 1
-            why = f"stale image: {age:.2f} s old > image_timeout {self.image_timeout} s"
+        self.check_clock(now)
+        kind, age = stamp_age(frame.stamp if frame.stamp > 0.0 else frame.received, now, self.image_timeout,
+                              self.future_tolerance)
+        if kind:
+            if kind == "future":
+                self.stats.future += 1
+                why = f"image stamped {-age:.2f} s ahead of the clock (from before a clock reset?): dropped"
+            else:
+                self.stats.stale += 1
+                why = f"stale image: {age:.2f} s old > image_timeout {self.image_timeout} s"
             self.stats.last_reason = why
             self.report(why)
             return why

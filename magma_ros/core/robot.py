@@ -6,6 +6,7 @@ Parsed in one place from ``config/robots/<robot>.yaml`` (ROS parameter file layo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ ROBOTS = ("fr3", "panda", "wx250s")
 # Name of the pseudo-joint that carries a normalized gripper command (0 closed ... 1 open)
 # inside a JointTrajectory; the robot's own finger joint carries real units instead.
 NORMALIZED_GRIPPER = "normalized_gripper"
+
+DEFAULT_POSITION_MARGIN = 0.05  # [rad] RobotConfig.position_margin when a robot YAML does not set it
 
 
 @dataclass(frozen=True)
@@ -94,11 +97,25 @@ class RobotConfig:
     joint_states_topic: str  # where the driver publishes joint states (relative)
     delta_mode: str  # servo: "target" (apply to previous target, Bridge) | "measured" (RT-1)
     position_dependent_velocity: PositionDependentVelocity | None = None
+    # [rad] distance every commanded joint position keeps from position_min / position_max. ONE value
+    # for the servo (it plans only inside the band) and the safety node (it clamps to the band), so a
+    # servo target is never clamped downstream (MoveIt Servo: joint_limit_margins).
+    position_margin: float = DEFAULT_POSITION_MARGIN
+    sim_start: np.ndarray | None = None  # [rad] where the simulator starts the arm; None = home
+    # Following error (safety node): the measured arm farther than this from what was commanded for
+    # the state's stamp -> hold at the measured position until resume. None: no check.
+    following_error_max: np.ndarray | None = None  # [rad] per joint
+    following_error_lag: float = 0.1  # [s] the arm may lag its command by up to this much (not an error)
     extra: dict = field(default_factory=dict)  # unparsed keys, kept for forward compatibility
 
     @property
     def dof(self) -> int:
         return len(self.arm_joints)
+
+    @property
+    def start(self) -> np.ndarray:
+        """[rad] the simulator's start pose: ``sim_start`` when the YAML sets one, else ``home``."""
+        return (self.home if self.sim_start is None else self.sim_start).copy()
 
 
 def _arr(d: dict, key: str, n: int, src: Path) -> np.ndarray:
@@ -151,13 +168,22 @@ def load_robot(name_or_path: str | Path) -> RobotConfig:
                 q_upper=_arr(v, "q_upper", n, src), q_lower=_arr(v, "q_lower", n, src),
             )
         jerk = d.get("jerk_max") or None
+        fe = d.get("following_error") or {}
+        fe_max = None if "max" not in fe else _arr(fe, "max", n, src)
+        if fe_max is not None and not np.all(fe_max > 0):
+            raise ConfigError(f"{src}: following_error.max must be > 0 for every joint")
+        fe_lag = float(fe.get("lag", 0.1))
+        if not fe_lag >= 0:
+            raise ConfigError(f"{src}: following_error.lag must be >= 0 s")
         urdf = Path(d["urdf"])
         if not urdf.is_absolute():
             urdf = data_path("urdf", d["urdf"])
         known = {"robot", "urdf", "prefix", "base_link", "tcp_link", "arm_joints", "position_min", "position_max",
                  "velocity_max", "acceleration_max", "jerk_max", "home", "gripper", "arm_controller",
                  "forward_controller", "gripper_controller", "joint_states_topic", "delta_mode",
-                 "position_dependent_velocity"}
+                 "position_dependent_velocity", "position_margin", "sim_start", "following_error"}
+        margin = float(d.get("position_margin", DEFAULT_POSITION_MARGIN))
+        sim_start = None if d.get("sim_start") in (None, []) else _arr(d, "sim_start", n, src)
         cfg = RobotConfig(
             name=str(d["robot"]),
             urdf=urdf,
@@ -178,6 +204,10 @@ def load_robot(name_or_path: str | Path) -> RobotConfig:
             joint_states_topic=str(d.get("joint_states_topic", "joint_states")),
             delta_mode=choose(str(d.get("delta_mode", "target")), ("target", "measured"), "delta_mode"),
             position_dependent_velocity=pdv,
+            position_margin=margin,
+            sim_start=sim_start,
+            following_error_max=fe_max,
+            following_error_lag=fe_lag,
             extra={k: v for k, v in d.items() if k not in known},
         )
     except KeyError as e:
@@ -186,4 +216,11 @@ def load_robot(name_or_path: str | Path) -> RobotConfig:
         raise ConfigError(f"{src}: position_min must be below position_max for every joint")
     if not np.all((cfg.home >= cfg.position_min) & (cfg.home <= cfg.position_max)):
         raise ConfigError(f"{src}: home pose outside the position limits")
+    if not (math.isfinite(cfg.position_margin) and cfg.position_margin >= 0.0
+            and np.all(cfg.position_max - cfg.position_min > 2 * cfg.position_margin)):
+        raise ConfigError(f"{src}: position_margin must be >= 0 rad and leave room inside every joint's "
+                          f"range, got {cfg.position_margin}")
+    if cfg.sim_start is not None and not np.all((cfg.sim_start >= cfg.position_min + cfg.position_margin)
+                                                & (cfg.sim_start <= cfg.position_max - cfg.position_margin)):
+        raise ConfigError(f"{src}: sim_start must lie inside the position limits less position_margin")
     return cfg

@@ -1,19 +1,32 @@
 """Safety filter: every joint command passes through here before it reaches a controller.
 
 A pure, ROS-free state machine (numpy only). The node (``magma_ros.nodes.safety``) feeds it joint
-states, commands, e-stop / reset / resume requests and calls :meth:`SafetyFilter.step` at a fixed
-``output_rate``; each step returns the next position to reach one output period ``dt`` later.
+states, commands, e-stop / reset / resume requests and calls :meth:`SafetyFilter.step` from its
+output timer; each step returns the position to reach one output period ``dt`` after the step time.
 
-Guarantees, for every output relative to the previous one (``v = dq/dt``, ``a = dv/dt``,
-``j = da/dt``, starting from rest at the measured position):
+Time is **real elapsed time** (the node clock), never the nominal period: the path the controller
+executes is made of straight pieces, and for every piece (duration ``d``, velocity ``v``) and every
+knot where the velocity changes (by ``Δv``, ``w`` = time since the previous change, capped at ``dt``):
 
 - position inside ``[position_min + margin, position_max - margin]`` (a start outside that band may
   only move back towards it);
 - ``|v| <= velocity_max * velocity_scale`` and, for FR3, inside libfranka's position-dependent
-  bounds evaluated at the previous output;
-- ``|a| <= acceleration_max * acceleration_scale``; ``|j| <= jerk_max * jerk_scale`` where the robot
-  publishes one (the output rate is checked to be low enough for the acceleration bound to imply it);
+  bounds at the piece's start;
+- ``|Δv| <= acceleration_max * acceleration_scale * w``; ``|Δa| <= jerk_max * jerk_scale * w`` where
+  the robot publishes one (at the nominal rate the acceleration bound implies it);
 - every state keeps a stopping distance: at full deceleration the arm stops inside the band.
+
+Which path the controller executes depends on the interface (``controller``):
+
+- ``jtc``: each message (stamped with the step time, or zero) starts where the previous message's
+  path is at that time, reaches its first point ``dt`` later and then follows the braking tail
+  (one period at the same velocity, then a uniform stop). The filter samples its own last message at
+  the step time, so a late or early step continues exactly what the controller is doing.
+- ``forward`` / ``isaac``: output ``k`` is a set-point to reach at ``t_k + dt``; pieces join
+  consecutive set-points. A gap longer than ``max_output_gap`` is an interruption (the controller
+  held its last set-point): the filter restarts at rest there.
+
+The independent oracle for all of this is :class:`magma_ros.core.limit_audit.LimitAudit`.
 
 A command that already satisfies the limits passes through unchanged (its linear interpolation
 sampled at the output instants). One that does not is slowed down *along its direction* (uniform
@@ -25,7 +38,9 @@ State machine (``state``)::
     waiting --fresh joint states--> holding:waiting for command --valid command--> ok
     ok --no valid command for command_timeout--> holding:command timeout | holding:teleop timeout
     ok/holding --joint states older than state_timeout--> holding:stale joint states
-    any --estop--> stopping --standstill--> estopped --reset (fresh joint states)--> holding:reset
+    any --measured arm off its command--> holding:following error --resume--> holding:waiting for command
+    any --estop--> stopping --standstill--> estopped --reset (still, fresh)--> holding:reset, waiting for resume
+    holding:reset, waiting for resume --resume_policy | a new teleop command--> ...
 
 Sources (``source``): ``policy``, ``teleop`` or ``hold``. A fresh teleop command preempts the policy
 at once; once teleop has driven, the policy is ignored until :meth:`resume_policy`.
@@ -34,22 +49,27 @@ at once; once teleop has driven, the policy is ignored until :meth:`resume_polic
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from magma_ros.core.checks import read_joint_state, stamp_age
 from magma_ros.core.errors import ConfigError, choose
 from magma_ros.core.robot import NORMALIZED_GRIPPER, RobotConfig
 
 SOURCES = ("policy", "teleop")
 CONTROLLERS = ("jtc", "forward", "isaac")
 GRIPPER_OUTPUTS = ("auto", "jtc", "franka", "none")
+JTC_STAMPS = ("tick", "zero")
 
 # Diagnostic levels (same numbers as diagnostic_msgs/DiagnosticStatus).
 OK, WARN, ERROR = 0, 1, 2
 
 _EPS = 1e-12
+_DV = 1e-9  # [rad/s] velocity differences below this are not a velocity change
+_SNAP = 1e-9  # [s] a step this close to a knot of the executed path counts as on it
 
 
 @dataclass(frozen=True)
@@ -59,8 +79,9 @@ class SafetyConfig:
     robot: str = "fr3"  # fr3 | panda | wx250s, or a path to a robot YAML
     controller: str = "jtc"  # jtc | forward | isaac: which controller interface receives the output
     gripper_output: str = "auto"  # auto (isaac: in joint_command, else jtc) | jtc | franka | none
-    output_rate: float = 100.0  # [Hz] fixed output rate; every limit is checked over dt = 1/output_rate
-    position_margin: float = 0.05  # [rad] outputs stay this far inside the robot's position limits
+    output_rate: float = 100.0  # [Hz] output timer rate (dt = 1/output_rate); limits hold on real elapsed time
+    position_margin: float = -1.0  # [rad] outputs stay this far inside the position limits; < 0: the
+    #                                robot YAML's position_margin (one value with the servo)
     velocity_scale: float = 1.0  # (0, 1] fraction of the robot's velocity limits that may be used
     acceleration_scale: float = 1.0  # (0, 1] fraction of the robot's acceleration limits
     jerk_scale: float = 1.0  # (0, 1] fraction of the robot's jerk limits (where published)
@@ -75,12 +96,24 @@ class SafetyConfig:
     workspace_max: tuple[float, ...] = (1.0, 1.0, 2.0)  # [m] TCP box corner, robot base frame
     min_tcp_height: float = 0.0  # [m] lowest allowed TCP z in the base frame (when enabled)
     jtc_braking_tail: bool = True  # jtc: append a braking-to-standstill tail to every message
+    jtc_stamp: str = "tick"  # jtc: header stamp = the step time (controller on the node's clock) | zero
+    #                          ("start on arrival": a controller on another, unsynchronized clock)
+    max_output_gap: float = 0.05  # [s] forward/isaac: a longer gap between outputs (the node was not
+    #                               scheduled) is an interruption: the controller held, restart at rest
+    following_error: bool = True  # hold when the measured arm departs from its command (robot YAML
+    #                               following_error.max / .lag); false: no check
+    following_error_stamps: bool = True  # compare at the joint state's header stamp (same clock as
+    #                                      this node); false: at its arrival
+    standstill_velocity: float = 0.05  # [rad/s] reset: the measured arm counts as standing still below
+    standstill_window: float = 0.1  # [s] ... over at least this long
 
     def validate(self) -> SafetyConfig:
         """Raise ConfigError on a bad value; return self."""
         choose(self.controller, CONTROLLERS, "controller")
         choose(self.gripper_output, GRIPPER_OUTPUTS, "gripper_output")
-        for name in ("output_rate", "command_timeout", "state_timeout"):
+        choose(self.jtc_stamp, JTC_STAMPS, "jtc_stamp")
+        for name in ("output_rate", "command_timeout", "state_timeout", "max_output_gap", "standstill_velocity",
+                     "standstill_window"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"safety: '{name}' must be a positive number, got {v}")
@@ -88,10 +121,12 @@ class SafetyConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and 0 < v <= 1):
                 raise ConfigError(f"safety: '{name}' must be in (0, 1], got {v}")
-        for name in ("position_margin", "max_step", "future_tolerance"):
+        for name in ("max_step", "future_tolerance"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"safety: '{name}' must be >= 0, got {v}")
+        if not math.isfinite(self.position_margin):
+            raise ConfigError(f"safety: 'position_margin' must be a number, got {self.position_margin}")
         if self.workspace_enabled:
             lo, hi = np.asarray(self.workspace_min, float), np.asarray(self.workspace_max, float)
             if lo.shape != (3,) or hi.shape != (3,) or not np.all(lo < hi):
@@ -165,17 +200,82 @@ class _Command:
         return self.points[i - 1] + f * (self.points[i] - self.points[i - 1])
 
 
-def brake_speed(d: np.ndarray, a: np.ndarray, dt: float) -> np.ndarray:
-    """Largest speed v >= 0 such that moving ``v*dt`` now and then braking by ``a*dt`` per step
-    (the last step to exactly zero) travels at most ``d`` in total. Exact for the discrete motion.
+def brake_speed(d: np.ndarray, a: np.ndarray, dt: float, first: float | None = None) -> np.ndarray:
+    """Largest speed v >= 0 such that moving ``v * first`` now (default: one period ``dt``) and then
+    braking by ``a * dt`` per period (the last step to exactly zero) travels at most ``d`` in total.
+    Exact for the discrete motion; the one stopping-distance formula of the filter.
 
-    With u = v/(a dt), n = floor(u): distance/(a dt^2) = (n+1)(u - n/2).
+    With u = v / (a dt), rho = first / dt, n = floor(u): distance / (a dt^2) = u (rho + n) - n (n + 1) / 2.
     """
     d = np.maximum(d, 0.0)
+    rho = 1.0 if first is None else max(float(first), 0.0) / dt
     delta = d / (a * dt * dt)
-    n = np.floor((np.sqrt(1.0 + 8.0 * delta) - 1.0) / 2.0)
-    u = delta / (n + 1.0) + n / 2.0
+    b = 2.0 * rho - 1.0
+    n = np.maximum(np.floor((-b + np.sqrt(b * b + 8.0 * delta)) / 2.0), 0.0)  # last n with D(n) <= delta
+    u = (delta + n * (n + 1.0) / 2.0) / np.maximum(rho + n, 1e-300)
     return u * a * dt
+
+
+def uniform_stop(q: np.ndarray, v: np.ndarray, a_max: np.ndarray, dt: float, max_points: int = 200,
+                 cruise: int = 0) -> np.ndarray:
+    """Positions [n, dof] of a stop along the direction of motion from (q, v), one per period ``dt``:
+    ``cruise`` periods at ``v``, then every joint shedding the same fraction of its speed per period,
+    the largest that ``a_max`` allows (the last step to exactly zero). Empty when ``v`` is zero."""
+    speed = np.abs(v)
+    if np.all(speed < 1e-9):
+        return np.zeros((0, q.size))
+    r = float(np.min(a_max * dt / np.maximum(speed, 1e-300)))  # fraction of v shed per period
+    n = math.ceil(1.0 / r - 1e-9) if r < 1.0 else 1
+    scale = np.concatenate((np.ones(cruise), np.maximum(0.0, 1.0 - r * np.arange(1, n + 1))))[:max_points]
+    return q + np.cumsum(scale[:, None] * v * dt, axis=0)
+
+
+@dataclass
+class _Path:
+    """The path a JTC executes after one message: knots (times [K], positions [K, dof]), holding the
+    last one; per piece its velocity; per knot whether the velocity changes there, and the
+    acceleration at the last change (for the jerk bound)."""
+
+    T: np.ndarray  # [K] s
+    Q: np.ndarray  # [K, dof]
+    v_before: np.ndarray  # [dof] velocity of the piece that ends at T[0]
+    since_before: float  # [s] time since the last velocity change, at T[0] (before its knot)
+    a_before: np.ndarray  # [dof] acceleration at that change
+    dt: float
+
+    def __post_init__(self):
+        d = np.diff(self.T)
+        V = np.diff(self.Q, axis=0) / np.maximum(d, 1e-300)[:, None]  # [K-1, dof]
+        self.V = np.vstack((V, np.zeros((1, self.Q.shape[1]))))  # [K, dof] piece k starts at knot k; hold at the end
+        prev = np.vstack((self.v_before[None], self.V[:-1]))
+        self.change = np.any(np.abs(self.V - prev) > _DV, axis=1)  # [K]
+        C = np.flatnonzero(self.change)  # knots where the velocity changes
+        before = np.concatenate(([self.T[0] - self.since_before], self.T[C[:-1]]))  # the change before each
+        w = np.maximum(np.minimum(self.T[C] - before, self.dt), 1e-12)
+        acc_c = (self.V[C] - prev[C]) / w[:, None]  # [len(C), dof]
+        last = np.maximum.accumulate(np.where(self.change, np.arange(len(self.T)), -1))  # last change <= k
+        self.acc = np.where((last >= 0)[:, None], acc_c[np.searchsorted(C, np.maximum(last, 0))]
+                            if C.size else 0.0, self.a_before)
+
+    def state(self, t: float) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        """(position, velocity, time since the last velocity change, acceleration there) at ``t``."""
+        T = self.T
+        if t <= T[0] + _SNAP:
+            return self.Q[0].copy(), self.v_before.copy(), self.since_before + max(t - T[0], 0.0), self.a_before
+        j = int(np.searchsorted(T, t, side="left"))  # T[j-1] < t <= T[j]
+        if j < len(T) and T[j] - t <= _SNAP:
+            q, i, t = self.Q[j].copy(), j - 1, T[j]  # on the knot: the piece that ends there
+        else:
+            i = j - 1
+            q = self.Q[i] + self.V[i] * (t - T[i])
+        ch = np.flatnonzero(self.change[:i + 1])
+        if ch.size:
+            c = int(ch[-1])
+            return q, self.V[i].copy(), t - T[c], self.acc[c]
+        return q, self.V[i].copy(), self.since_before + (t - T[0]), self.a_before
+
+    def shift(self, delta: float) -> None:
+        self.T = self.T + delta
 
 
 class SafetyFilter:
@@ -187,11 +287,11 @@ class SafetyFilter:
         self.cfg = cfg = (config or SafetyConfig()).validate()
         self.dt = 1.0 / cfg.output_rate
         n = robot.dof
-        self.q_lo = robot.position_min + cfg.position_margin  # [dof] rad
-        self.q_hi = robot.position_max - cfg.position_margin
+        self.margin = robot.position_margin if cfg.position_margin < 0 else cfg.position_margin
+        self.q_lo = robot.position_min + self.margin  # [dof] rad
+        self.q_hi = robot.position_max - self.margin
         if not np.all(self.q_lo < self.q_hi):
-            raise ConfigError(f"safety: position_margin {cfg.position_margin} leaves no room for "
-                              f"{robot.name}")
+            raise ConfigError(f"safety: position_margin {self.margin} leaves no room for {robot.name}")
         self.v_max = robot.velocity_max * cfg.velocity_scale  # [dof] rad/s
         self.a_max = robot.acceleration_max * cfg.acceleration_scale  # [dof] rad/s^2
         self.j_max = None if robot.jerk_max is None else robot.jerk_max * cfg.jerk_scale  # [dof] rad/s^3
@@ -204,6 +304,10 @@ class SafetyFilter:
                 raise ConfigError(f"safety: output_rate {cfg.output_rate:g} Hz is too high for "
                                   f"{robot.name}'s jerk limits; use at most {rate_max:g} Hz")
         self.pdv = robot.position_dependent_velocity
+        self.path_mode = cfg.controller == "jtc"  # the controller executes our messages' paths
+        self.cruise = 1 if (self.path_mode and cfg.jtc_braking_tail) else 0  # tail: one period at v first
+        self.fe_max = robot.following_error_max if cfg.following_error else None  # [dof] rad or None
+        self.fe_lag = robot.following_error_lag
         self.index = {j: i for i, j in enumerate(robot.arm_joints)}
         g = robot.gripper
         self.gripper_names = {g.joint, NORMALIZED_GRIPPER}
@@ -224,64 +328,78 @@ class SafetyFilter:
         self.measured: np.ndarray | None = None  # [dof] rad
         self.measured_t = -math.inf
         self.measured_gripper: float | None = None
-        # output state (the trajectory we command)
+        self._samples: deque = deque()  # (receipt time, q) of recent joint states (standstill test)
+        # output state: the last output and the piece that reaches it
         self.q = np.zeros(n)  # [dof] last output position
-        self.v = np.zeros(n)  # [dof] last output velocity
-        self.a = np.zeros(n)  # [dof] last output acceleration
+        self.v = np.zeros(n)  # [dof] velocity of the piece that reaches it
+        self.a = np.zeros(n)  # [dof] acceleration at the last velocity change
+        self._since = math.inf  # [s] forward/isaac: time since the last velocity change, at the last output
+        self._path: _Path | None = None  # jtc: what the controller executes after our last message
+        self._hist_T = np.zeros(0)  # [H] s: knots of the commanded path (following error) ...
+        self._hist_Q = np.zeros((0, n))  # [H, dof] ... and their positions
         self.g: float | None = None  # last gripper output [m]
         self.g_target: float | None = None
         self.initialized = False
         # control state
         self.estopped = False
         self.policy_enabled = True
+        self.await_start = False  # after a reset / following error: nothing moves until a deliberate start
+        self._await_reason = ("", "")  # (hold reason, detail) of that wait
         self.active: _Command | None = None
         self.last_valid = {s: -math.inf for s in SOURCES}
+        self._teleop_seen = -math.inf  # last teleop message of any kind (a new session starts after silence)
         self.hold_reason = "waiting for command"
+        self.hold_detail = ""
         self.holding = True
+        self._hold_cmd: _Command | None = None  # following error: move (within limits) to the measured arm
         self.last_rejection = ""
         self.infeasible_steps = 0  # steps where the limit box was empty (should stay 0)
-        self._t_last = -math.inf  # time of the last step (detects a clock jumping back)
+        self.interruptions = 0  # forward/isaac: output gaps longer than max_output_gap
+        self.following_errors = 0
+        self._t_last = -math.inf  # time of the last step
+        # the step being planned: anchor (q, v, a), piece duration h, velocity-change window w
+        self._h = self._w = self.dt
+        self._q_next = self.q
 
     # ----------------------------------------------------------------------------------------- inputs
-    def on_joint_state(self, names: Sequence[str], positions: Sequence[float], t: float) -> str:
-        """Measured joint state (any order, extra joints allowed). Returns '' or why it was ignored."""
-        names = list(names)
-        try:
-            pos = np.asarray(positions, dtype=float).reshape(-1)
-        except (TypeError, ValueError):
-            return self._reject_state("joint state positions are not numbers")
-        if len(names) != pos.size:
-            return self._reject_state(f"joint state has {len(names)} names but {pos.size} positions")
-        idx = {str(nm): i for i, nm in enumerate(names)}
-        gj = self.robot.gripper.joint
-        if gj in idx and math.isfinite(pos[idx[gj]]):
-            self.measured_gripper = float(pos[idx[gj]])
-        if not any(j in idx for j in self.robot.arm_joints):
+    def on_joint_state(self, names: Sequence[str], positions: Sequence[float], t: float,
+                       stamp: float = 0.0) -> str:
+        """Measured joint state (any order, extra joints allowed) received at ``t`` with header
+        ``stamp`` (0: unknown). Returns '' or why it was ignored."""
+        js = read_joint_state(names, positions, self.robot.arm_joints, self.robot.gripper.joint)
+        if js.finger is not None:
+            self.measured_gripper = js.finger
+        if js.error:
+            self.last_rejection = js.error
+            return js.error
+        if js.arm is None:
             return ""  # e.g. a gripper-only joint state
-        missing = [j for j in self.robot.arm_joints if j not in idx]
-        if missing:
-            return self._reject_state(f"joint state misses {', '.join(missing)}")
-        q = pos[[idx[j] for j in self.robot.arm_joints]]
-        if not np.all(np.isfinite(q)):
-            return self._reject_state("joint state has NaN/inf")
-        self.measured = q
+        self.measured = js.arm
         self.measured_t = float(t)
+        self._samples.append((float(t), js.arm))
+        while self._samples and self._samples[0][0] < t - 4.0 * self.cfg.standstill_window:
+            self._samples.popleft()
+        if self.fe_max is not None and self.initialized:
+            s = float(stamp) if (self.cfg.following_error_stamps and stamp) else float(t)
+            if not (t - 1.0 <= s <= t + self.cfg.future_tolerance):  # unusable stamp: its arrival
+                s = float(t)
+            self._check_following(js.arm, s)
         return ""
-
-    def _reject_state(self, reason: str) -> str:
-        self.last_rejection = reason
-        return reason
 
     def on_command(self, source: str, names: Sequence[str], positions, times, stamp: float,
                    t: float) -> Verdict:
         """A JointTrajectory from ``source`` (policy | teleop): joint names, positions [P][J],
         time_from_start [P] (s), header stamp (s, 0 = now) and the current time ``t``."""
-        v = self._check_command(source, names, positions, times, stamp, t)
+        new_session = False
+        if source == "teleop":  # a teleop message after silence = the deadman pressed again
+            new_session = t - self._teleop_seen > self.cfg.command_timeout
+            self._teleop_seen = float(t)
+        v = self._check_command(source, names, positions, times, stamp, t, new_session)
         if not v.accepted:
             self.last_rejection = v.reason
         return v
 
-    def _check_command(self, source, names, positions, times, stamp, t) -> Verdict:
+    def _check_command(self, source, names, positions, times, stamp, t, new_session=False) -> Verdict:
         if source not in SOURCES:
             return Verdict(False, f"unknown source '{source}'")
         if self.estopped:
@@ -319,18 +437,25 @@ class SafetyFilter:
             return Verdict(False, "NaN/inf in command")
         if ts[0] < 0 or (ts.size > 1 and (ts[1:] <= ts[:-1]).any()):
             return Verdict(False, "time_from_start must be >= 0 and strictly increasing")
+        kind, age = stamp_age(stamp, t, self.cfg.command_timeout, self.cfg.future_tolerance)
+        if kind == "stale":
+            return Verdict(False, f"stale command (stamp {age:.3f} s old)")
+        if kind == "future":
+            return Verdict(False, f"command stamp {-age:.3f} s in the future")
         if stamp == 0.0:
             stamp = t
-        if t - stamp > self.cfg.command_timeout:
-            return Verdict(False, f"stale command (stamp {t - stamp:.3f} s old)")
-        if stamp - t > self.cfg.future_tolerance:
-            return Verdict(False, f"command stamp {stamp - t:.3f} s in the future")
-        # priority
+        # priority and deliberate start
         if source == "policy":
             if self._teleop_fresh(t):
                 return Verdict(False, "teleop has priority: policy command ignored")
+            if self.await_start:
+                return Verdict(False, f"holding ({self.hold_reason}): the policy moves only after "
+                                      "safety/resume_policy")
             if not self.policy_enabled:
                 return Verdict(False, "policy disabled since teleop took over: call safety/resume_policy")
+        elif self.await_start and not new_session:
+            return Verdict(False, f"holding ({self.hold_reason}): release the teleop deadman and press it "
+                                  "again, or call safety/resume_policy")
         cols = [col[j] for j in self.robot.arm_joints]
         arm = P[:, cols]  # [P, dof] arm_joints order
         note = ""
@@ -362,15 +487,20 @@ class SafetyFilter:
             keep[-1] = True
             abs_t = abs_t.copy()
             abs_t[-1] = start
+        here = self.q  # where the commanded path is at `start` (jtc: on our last message's path)
+        if self._path is not None and start >= self._path.T[0]:
+            here = self._path.state(start)[0]
         times_all = np.concatenate(([start], abs_t[keep]))
-        pts_all = np.concatenate((self.q[None], arm[keep]), axis=0)
+        pts_all = np.concatenate((here[None], arm[keep]), axis=0)
         if times_all[-1] <= times_all[0]:  # everything already due: go straight to the last point
             times_all = np.array([start, start + _EPS])
-            pts_all = np.stack([self.q, arm[-1]])
+            pts_all = np.stack([here, arm[-1]])
         self.active = _Command(source, times_all, pts_all, float(t))
         self.last_valid[source] = float(t)
         if source == "teleop":
             self.policy_enabled = False
+        self.await_start = False
+        self._hold_cmd = None
         self.holding = False
         return Verdict(True, note)
 
@@ -385,33 +515,137 @@ class SafetyFilter:
             self.g_target = self.g
 
     def reset(self, t: float) -> tuple[bool, str]:
-        """Release the e-stop (needs fresh joint states); motion restarts from the measured position."""
+        """Release the e-stop, only once the arm stands still (commanded and measured) with fresh
+        joint states. The output stays where the stop left it (no re-anchoring, no jump) and nothing
+        moves until :meth:`resume_policy` or a new teleop command (ISO 13850)."""
         if not self.estopped:
             return True, "not e-stopped: nothing to reset"
         if not self._state_fresh(t):
             return False, "joint states are not fresh: cannot reset"
+        speed = self.commanded_speed(t)
+        if speed > 0.0:
+            return False, (f"the arm is still braking (commanded {speed:.3f} rad/s): reset refused, "
+                           "the controlled stop goes on")
+        m = self.measured_speed()
+        if m is None:
+            return False, "not enough recent joint states to tell that the arm stands still: reset refused"
+        if m > self.cfg.standstill_velocity:
+            return False, (f"the arm is still moving (measured {m:.3f} rad/s > {self.cfg.standstill_velocity:g}): "
+                           "reset refused")
         self.estopped = False
-        self._init_from_measured()
-        self.hold_reason = "reset, waiting for command"
-        return True, "e-stop released; holding at the measured position until a valid command"
+        self._await("reset, waiting for resume")
+        return True, ("e-stop released; holding until safety/resume_policy (or a new teleop command): "
+                      "a reset never restarts motion by itself")
 
     def resume_policy(self, t: float) -> tuple[bool, str]:
-        """Explicit hand-back to the policy."""
+        """Explicit start: the policy may drive again (also ends a reset / following-error hold)."""
         if self.estopped:
             return False, "e-stop latched: call safety/reset first"
         if self._teleop_fresh(t):
             return False, "teleop is driving: let it go silent first"
         self.policy_enabled = True
+        if self.await_start:
+            self.await_start = False
+            self._hold_cmd = None
+            self.hold_reason, self.hold_detail = "waiting for command", ""
         return True, "policy may drive again (from its next valid command)"
+
+    def _await(self, reason: str, detail: str = "") -> None:
+        self._await_reason = (reason, detail)
+        self.await_start = True
+        self.policy_enabled = False
+        self._hold(reason)
+        self.hold_detail = detail
+
+    # ------------------------------------------------------------------------------ measured state
+    def measured_speed(self) -> float | None:
+        """Largest joint speed [rad/s] seen in the joint states over the last ``standstill_window``
+        (at least that long a span needed; None otherwise)."""
+        if not self._samples:
+            return None
+        t1, q1 = self._samples[-1]
+        w = self.cfg.standstill_window
+        if t1 - self._samples[0][0] < w - 1e-9:
+            return None
+        old = [(t, q) for t, q in self._samples if 0.5 * w <= t1 - t <= 1.5 * w]
+        return max((float(np.max(np.abs(q1 - q))) / (t1 - t) for t, q in old), default=0.0)
+
+    def commanded_speed(self, t: float) -> float:
+        """Largest joint speed [rad/s] of the commanded path now (jtc: what the controller executes)."""
+        v = self.v
+        if self._path is not None:
+            v = self._path.state(max(t, self._path.T[0]))[1]
+        return float(np.max(np.abs(v))) if np.any(np.abs(v) > 1e-9) else 0.0
+
+    def commanded_range(self, t0: float, t1: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-joint (min, max) of the commanded path over [t0, t1] (None before any output)."""
+        T, Q = self._hist_T, self._hist_Q
+        if T.size == 0:
+            return None
+        if self._path is not None and t1 > T[-1]:  # beyond the last output: what the controller executes
+            extra = self._path.T > T[-1]
+            T, Q = np.concatenate((T, self._path.T[extra])), np.vstack((Q, self._path.Q[extra]))
+        t0, t1 = min(max(t0, T[0]), T[-1]), min(max(t1, T[0]), T[-1])
+        i0, i1 = np.searchsorted(T, [t0, t1], side="left")
+        lo, hi = max(i0 - 1, 0), min(i1 + 1, T.size)
+        Tw, Qw = T[lo:hi], Q[lo:hi]  # the knots around the window
+        ends = np.stack([self._interp(Tw, Qw, t0), self._interp(Tw, Qw, t1)])
+        inside = Qw[(Tw > t0) & (Tw < t1)]
+        allq = np.vstack((ends, inside))
+        return allq.min(axis=0), allq.max(axis=0)
+
+    @staticmethod
+    def _interp(T: np.ndarray, Q: np.ndarray, t: float) -> np.ndarray:
+        i = int(np.clip(np.searchsorted(T, t, side="right") - 1, 0, max(T.size - 2, 0)))
+        if T.size == 1 or T[i + 1] <= T[i]:
+            return Q[min(i, T.size - 1)]
+        f = min(max((t - T[i]) / (T[i + 1] - T[i]), 0.0), 1.0)
+        return Q[i] + f * (Q[i + 1] - Q[i])
+
+    def _remember(self, t: float, q: np.ndarray) -> None:
+        """Add a knot of the commanded path; keep the last 1.5 s."""
+        self._hist_T = np.append(self._hist_T, t)
+        self._hist_Q = np.vstack((self._hist_Q, q[None]))
+        if self._hist_T.size > 64 and self._hist_T[32] < t - 1.5:
+            self._hist_T, self._hist_Q = self._hist_T[32:], self._hist_Q[32:]
+
+    def _check_following(self, q: np.ndarray, s: float) -> None:
+        T = self._hist_T
+        if T.size and s <= T[-1]:  # fast path: close to what was commanded at s -> no error possible
+            j = int(np.searchsorted(T, s))
+            lo = max(j - 1, 0)
+            if np.all(np.abs(q - self._interp(T[lo:j + 1], self._hist_Q[lo:j + 1], s)) <= self.fe_max):
+                return
+        rng = self.commanded_range(s - self.fe_lag, s)
+        if rng is None:
+            return
+        lo, hi = rng
+        err = np.maximum(lo - q, q - hi)  # [dof] distance outside what was commanded in the lag window
+        over = err - self.fe_max
+        if not np.any(over > 0):
+            return
+        j = int(np.argmax(over))
+        if not (self.hold_reason == "following error" and self.holding):
+            self.following_errors += 1
+            detail = (f"{self.robot.arm_joints[j]} {err[j]:.3f} rad from its command "
+                      f"(tolerance {self.fe_max[j]:.3f} rad)")
+            if not self.estopped:
+                self._await("following error", detail)
+            else:
+                self.hold_detail = detail
+        # hold at the measured arm: move there within the limits (no jump, no jump back)
+        t0 = max(self._t_last, s)
+        self._hold_cmd = _Command("hold", np.array([t0, t0 + _EPS]), np.stack([self.q, q]), t0)
 
     # ----------------------------------------------------------------------------------------- output
     def _state_fresh(self, t: float) -> bool:
         return self.measured is not None and t - self.measured_t <= self.cfg.state_timeout
 
-    def _init_from_measured(self) -> None:
+    def _init_from_measured(self, t: float) -> None:
         self.q = self.measured.copy()
         self.v = np.zeros_like(self.q)
         self.a = np.zeros_like(self.q)
+        self._since = math.inf
         self.active = None
         self.holding = True
         if self.measured_gripper is not None:
@@ -419,37 +653,76 @@ class SafetyFilter:
             self.g = float(np.clip(self.measured_gripper, g.low, g.high))
         self.g_target = self.g
         self.initialized = True
+        self._hist_T, self._hist_Q = np.zeros(0), np.zeros((0, self.q.size))
+        self._remember(t + self.dt, self.q.copy())
+        if self.path_mode:
+            self._path = _Path(np.array([t, t + self.dt]), np.stack([self.q, self.q]), self.v.copy(),
+                               math.inf, self.a.copy(), self.dt)
+
+    def _anchor(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """State the next piece starts from, and set its duration ``_h`` and velocity-change window ``_w``."""
+        dt = self.dt
+        if self._path is not None:  # jtc: where the controller is now on our last message's path
+            q0, v0, since, a0 = self._path.state(t)
+            self._h, self._w = dt, min(since, dt)
+            return q0, v0, a0
+        h = t - self._t_last
+        if h > self.cfg.max_output_gap:  # the controller held the last set-point: restart at rest
+            self.interruptions += 1
+            self._h, self._w = dt, dt
+            return self.q, np.zeros_like(self.v), np.zeros_like(self.a)
+        self._h, self._w = h, min(self._since, dt)
+        return self.q, self.v, self.a
 
     def step(self, t: float) -> Output | None:
         """Next output at time ``t`` (position to reach at ``t + dt``), or None before joint states."""
-        if t < self._t_last - 1e-6:  # the clock jumped back (simulation reset): nothing is fresh
-            self.measured_t = -math.inf
-            self.last_valid = {s: -math.inf for s in SOURCES}
-        self._t_last = t
+        if t < self._t_last - 1e-6:  # the clock jumped back (simulation reset): re-base, nothing is fresh
+            self._rebase(t - self._t_last - self.dt)
         if not self.initialized:
             if not self._state_fresh(t):
                 return None
-            self._init_from_measured()
+            self._init_from_measured(t)
+            self._t_last = t
             self.hold_reason = "waiting for command"
+            return Output(self.q.copy(), self.v.copy(), self.g, self.g is not None)
+        if t - self._t_last <= 1e-9:  # no time has passed: nothing new to send
+            return Output(self.q.copy(), self.v.copy(), self.g, False)
         if not self.estopped:
             if not self._state_fresh(t):
                 self._hold("stale joint states")
+            elif self.await_start and self.hold_reason == "stale joint states":  # fresh again: still waiting
+                self.hold_reason, self.hold_detail = self._await_reason
             elif (self.active is not None
                   and t - self.last_valid[self.active.source] > self.cfg.command_timeout):
                 self._hold("teleop timeout" if self.active.source == "teleop" else "command timeout")
-        if self.estopped or self.active is None:
-            v_new = self._limit(np.zeros_like(self.v), None)  # controlled stop, then hold still
+        q0, v0, a0 = self._anchor(t)
+        if self._hold_cmd is not None:  # following error: to the measured arm, then hold
+            v_new = self._follow(self._hold_cmd, t, q0, v0, a0)
+        elif self.estopped or self.active is None:
+            v_new = self._limit(np.zeros_like(v0), None, q0, v0, a0)  # controlled stop, then hold still
         else:
-            v_new = self._follow(self.active, t)
+            v_new = self._follow(self.active, t, q0, v0, a0)
         q_new = self._q_next
         if self._fk is not None and not self.estopped and self.active is not None:
             if not self._ws_ok(q_new, v_new):
                 self._hold("workspace")
-                v_new = self._limit(np.zeros_like(self.v), None)
+                v_new = self._limit(np.zeros_like(v0), None, q0, v0, a0)
                 q_new = self._q_next
-        self.a = (v_new - self.v) / self.dt
-        self.v = v_new
-        self.q = q_new
+        changed = bool(np.any(np.abs(v_new - v0) > _DV))
+        a_new = (v_new - v0) / max(self._w, 1e-12) if changed else a0
+        if self._path is not None:
+            since0 = self._path.state(t)[2]
+            tail = np.zeros((0, q0.size))
+            if self.cfg.jtc_braking_tail:
+                tail = self.braking_tail(q_new, v_new, a_new, max_points=2000)
+            T = t + self.dt * np.arange(len(tail) + 2)
+            self._path = _Path(T, np.vstack((q0[None], q_new[None], tail)), v0, since0, a0, self.dt)
+            self._remember(t, q0.copy())
+        else:
+            self._since = self._h if changed else self._since + self._h
+        self._remember(t + self.dt, q_new.copy())
+        self.q, self.v, self.a = q_new, v_new, a_new
+        self._t_last = t
         # gripper
         changed = False
         if self.g is None and self.g_target is not None:
@@ -461,9 +734,23 @@ class SafetyFilter:
             changed = True
         return Output(self.q.copy(), self.v.copy(), self.g, changed)
 
+    def _rebase(self, delta: float) -> None:
+        """Shift every stored time by ``delta`` (the clock jumped back); states and commands go stale."""
+        self._t_last += delta
+        if self._path is not None:
+            self._path.shift(delta)
+        self._hist_T = self._hist_T + delta
+        self._samples.clear()
+        self.measured_t = -math.inf
+        self.last_valid = {s: -math.inf for s in SOURCES}
+        self._teleop_seen = -math.inf
+        if self._hold_cmd is not None:
+            self._hold_cmd.times = self._hold_cmd.times + delta
+
     def _hold(self, reason: str) -> None:
-        if not self.holding or self.hold_reason != reason:
-            self.hold_reason = reason
+        if self.hold_reason != reason:
+            self.hold_detail = ""
+        self.hold_reason = reason
         self.holding = True
         self.active = None
         if self.g is not None:
@@ -478,35 +765,33 @@ class SafetyFilter:
         return lo, hi
 
     def _box(self, q, v, a) -> tuple[np.ndarray, np.ndarray]:
-        """Per-joint interval [lo, hi] of admissible next velocities."""
-        dt, A = self.dt, self.a_max
+        """Per-joint interval [lo, hi] of admissible velocities for the next piece (duration ``_h``,
+        velocity change within ``A * _w``)."""
+        w, A = self._w, self.a_max
         vlo, vhi = self._vel_bounds(q)
-        lo = np.maximum(v - A * dt, vlo)
-        hi = np.minimum(v + A * dt, vhi)
+        lo = np.maximum(v - A * w, vlo)
+        hi = np.minimum(v + A * w, vhi)
         if self.j_max is not None:
-            lo = np.maximum(lo, v + a * dt - self.j_max * dt * dt)
-            hi = np.minimum(hi, v + a * dt + self.j_max * dt * dt)
+            lo = np.maximum(lo, v + a * w - self.j_max * w * w)
+            hi = np.minimum(hi, v + a * w + self.j_max * w * w)
         # room above / below (0 when outside the band: never further out)
         room = np.concatenate((np.maximum(self.q_hi, q) - q, q - np.minimum(self.q_lo, q)))
-        bs = brake_speed(room, np.concatenate((A, A)), dt)
+        bs = brake_speed(room, np.concatenate((A, A)), self.dt, first=self._h + self.cruise * self.dt)
         n = q.size
         return np.maximum(lo, -bs[n:]), np.minimum(hi, bs[:n])
 
-    def _limit(self, v_c: np.ndarray, q_target: np.ndarray | None, q=None, v=None, a=None,
-               box=None) -> np.ndarray:
-        """Admissible next velocity closest to ``v_c`` along the segment from the current velocity.
+    def _limit(self, v_c: np.ndarray, q_target: np.ndarray | None, q, v, a, box=None) -> np.ndarray:
+        """Admissible velocity closest to ``v_c`` along the segment from the current velocity.
 
         Sets ``self._q_next`` (the next position); if ``v_c`` is admissible and came from
         ``q_target``, the next position is exactly ``q_target`` (pass-through).
         """
-        q = self.q if q is None else q
-        v = self.v if v is None else v
-        a = self.a if a is None else a
+        h = self._h
         lo, hi = self._box(q, v, a) if box is None else box
         if np.all(v_c >= lo) and np.all(v_c <= hi):
-            self._q_next = q_target.copy() if q_target is not None else q + v_c * self.dt
+            self._q_next = q_target.copy() if q_target is not None else q + v_c * h
             if q_target is not None:
-                return (self._q_next - q) / self.dt
+                return (self._q_next - q) / h
             return v_c
         w = v_c - v
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -526,71 +811,82 @@ class SafetyFilter:
                 vlo, vhi = self._vel_bounds(q)
                 up = np.maximum(self.q_hi, q) - q
                 dn = q - np.minimum(self.q_lo, q)
-                slo = np.maximum(vlo, -brake_speed(dn, self.a_max, self.dt))
-                shi = np.minimum(vhi, brake_speed(up, self.a_max, self.dt))
-                v_new = np.clip(np.clip(v_c, v - self.a_max * self.dt, v + self.a_max * self.dt), slo, shi)
+                first = h + self.cruise * self.dt
+                slo = np.maximum(vlo, -brake_speed(dn, self.a_max, self.dt, first))
+                shi = np.minimum(vhi, brake_speed(up, self.a_max, self.dt, first))
+                dv = self.a_max * self._w
+                v_new = np.clip(np.clip(v_c, v - dv, v + dv), slo, shi)
             else:
                 v_new = np.clip(v_c, lo, hi)
-        self._q_next = q + v_new * self.dt
+        self._q_next = q + v_new * h
         return v_new
 
-    def _follow(self, cmd: _Command, t: float) -> np.ndarray:
-        """Velocity for the next step while following ``cmd``."""
-        dt = self.dt
-        q_des = cmd.at(t + dt)
-        v_track = (q_des - self.q) / dt
+    def _follow(self, cmd: _Command, t: float, q0, v0, a0) -> np.ndarray:
+        """Velocity of the next piece while following ``cmd`` from the anchor (q0, v0, a0)."""
+        h = self._h
+        q_des = cmd.at(t + self.dt)
+        v_track = (q_des - q0) / h
         # each joint must be able to stop where its path next reverses or ends
-        e = cmd.turns[cmd.segment(t + dt)] - self.q
-        stop = brake_speed(np.abs(e), self.a_max, dt)
+        e = cmd.turns[cmd.segment(t + self.dt)] - q0
+        stop = brake_speed(np.abs(e), self.a_max, self.dt, first=h)
         toward = (np.sign(v_track) == np.sign(e)) & (v_track != 0)
-        lo, hi = self._box(self.q, self.v, self.a)
+        lo, hi = self._box(q0, v0, a0)
         if (np.all(v_track >= lo) and np.all(v_track <= hi)
                 and np.all(~toward | (np.abs(v_track) <= stop * (1 + 1e-9) + 1e-12))):
-            return self._limit(v_track, q_des, box=(lo, hi))  # in limits: pass through unchanged
+            return self._limit(v_track, q_des, q0, v0, a0, box=(lo, hi))  # in limits: pass through unchanged
         # catch-up: scale along the direction for the velocity bounds and for stopping in time
-        vlo, vhi = self._vel_bounds(self.q)
+        vlo, vhi = self._vel_bounds(q0)
         with np.errstate(divide="ignore", invalid="ignore"):
             cap = np.where(v_track > 0, vhi / v_track, np.where(v_track < 0, vlo / v_track, np.inf))
             cap2 = np.where(toward, stop / np.abs(v_track), np.inf)
         s = min(1.0, float(np.min(cap)), float(np.min(cap2)))
-        return self._limit(v_track * max(s, 0.0), None, box=(lo, hi))
+        return self._limit(v_track * max(s, 0.0), None, q0, v0, a0, box=(lo, hi))
 
-    def braking_tail(self, max_points: int = 200) -> np.ndarray:
-        """Positions [n, dof] of a controlled stop from the current output state (not applied).
+    def braking_tail(self, q=None, v=None, a=None, max_points: int = 200) -> np.ndarray:
+        """Positions [n, dof], one per period, of a controlled stop from an output state (default:
+        the last output; not applied).
 
         Used for JTC streaming: each message carries the next point plus this tail, so a late
-        message never makes the controller stop abruptly at the end of its trajectory. The stop is
-        the same as the filter's own (uniform deceleration along the direction of motion); near a
-        limit, where that would not do, it is computed step by step by the limiter.
+        message never makes the controller stop abruptly at the end of its trajectory. While a
+        command is followed the tail first keeps the velocity for one period (a message up to one
+        period late meets an arm still at full speed, and continues it), then stops uniformly along
+        the direction of motion; near a limit, where that would not do, the stop is computed step by
+        step by the limiter. While stopping or holding there is no cruise period.
         """
-        speed = np.abs(self.v)
-        if np.all(speed < 1e-9):
-            return np.zeros((0, self.robot.dof))
+        q = self.q if q is None else q
+        v = self.v if v is None else v
+        a = self.a if a is None else a
+        cruise = self.cruise if (self.active is not None and not self.estopped and self._hold_cmd is None) else 0
         dt = self.dt
-        r = float(np.min(self.a_max * dt / np.maximum(speed, 1e-300)))  # fraction of v shed per step
-        n = min(max_points, math.ceil(1.0 / r - 1e-9))
-        scale = np.maximum(0.0, 1.0 - r * np.arange(1, n + 1))  # [n]
-        V = scale[:, None] * self.v  # [n, dof]
-        Q = self.q + np.cumsum(V * dt, axis=0)  # [n, dof]
-        prev = np.vstack((self.q, Q[:-1]))
-        lo = np.minimum(self.q_lo, self.q) - 1e-12
-        hi = np.maximum(self.q_hi, self.q) + 1e-12
+        Q = uniform_stop(q, v, self.a_max, dt, max_points, cruise)
+        if len(Q) == 0:
+            return Q
+        prev = np.vstack((q, Q[:-1]))
+        V = (Q - prev) / dt
+        lo = np.minimum(self.q_lo, q) - 1e-12
+        hi = np.maximum(self.q_hi, q) + 1e-12
         ok = bool(np.all(Q >= lo) and np.all(Q <= hi))
         if ok and self.pdv is not None:
             vlo, vhi = self.pdv.bounds(prev, self.v_max)
             ok = bool(np.all(V >= vlo - 1e-12) and np.all(V <= vhi + 1e-12))
         if ok and self.j_max is not None:
-            a0 = (V[0] - self.v) / dt
-            ok = bool(np.all(np.abs(a0 - self.a) <= self.j_max * dt * (1 + 1e-9)))
+            first = int(cruise)  # the first velocity change of the tail
+            v_before = v if first == 0 else V[first - 1]
+            a_before = a if first == 0 else np.zeros_like(a)
+            if first < len(V):
+                a0 = (V[first] - v_before) / dt
+                ok = bool(np.all(np.abs(a0 - a_before) <= self.j_max * dt * (1 + 1e-9)))
         if ok:
             return Q
-        return self._braking_tail_exact(max_points)
+        return self._braking_tail_exact(q, v, a, max_points, cruise)
 
-    def _braking_tail_exact(self, max_points: int) -> np.ndarray:
-        q, v, a = self.q.copy(), self.v.copy(), self.a.copy()
-        out = []
-        saved = getattr(self, "_q_next", None)
-        for _ in range(max_points):
+    def _braking_tail_exact(self, q, v, a, max_points: int, cruise: int = 0) -> np.ndarray:
+        saved = (self._q_next, self._h, self._w)
+        self._h = self._w = self.dt
+        out = [q + v * self.dt * (k + 1) for k in range(cruise)]
+        if cruise:
+            q, a = out[-1], np.zeros_like(a)
+        for _ in range(max_points - cruise):
             if np.all(np.abs(v) < 1e-9):
                 break
             v_new = self._limit(np.zeros_like(v), None, q, v, a)
@@ -598,8 +894,16 @@ class SafetyFilter:
             a = (v_new - v) / self.dt
             v, q = v_new, q_new
             out.append(q)
-        self._q_next = saved
+        self._q_next, self._h, self._w = saved
         return np.array(out).reshape(-1, self.robot.dof)
+
+    def jtc_points(self) -> np.ndarray:
+        """jtc: the points [n, dof] of the message for the last step (the next point, then the
+        braking tail), one per period from the step time: exactly the path the filter assumes the
+        controller executes."""
+        if self._path is None:
+            return self.q[None].copy()
+        return self._path.Q[1:].copy()
 
     # ---------------------------------------------------------------------------------- workspace
     def _ws_violation(self, q: np.ndarray) -> float:
@@ -611,13 +915,8 @@ class SafetyFilter:
     def _ws_ok(self, q_new: np.ndarray, v_new: np.ndarray) -> bool:
         """The stopping point of a controlled stop from (q_new, v_new) must be inside the box
         (or closer to it than the current position is)."""
-        speed = np.abs(v_new)
-        if np.all(speed < 1e-12):
-            q_stop = q_new
-        else:
-            r = float(np.min(self.a_max * self.dt / np.maximum(speed, 1e-12)))
-            n_steps = math.ceil(1.0 / min(r, 1.0))
-            q_stop = q_new + v_new * self.dt * (n_steps + 1) / 2.0
+        stop = uniform_stop(q_new, v_new, self.a_max, self.dt, 10_000, self.cruise)
+        q_stop = stop[-1] if len(stop) else q_new
         viol = self._ws_violation(q_stop)
         return viol <= 0 or viol < self._ws_violation(self.q) - 1e-9
 
@@ -633,67 +932,16 @@ class SafetyFilter:
         if self.estopped:
             moving = bool(np.any(np.abs(self.v) > 1e-9))
             st = "stopping" if moving else "estopped"
-            return Status(st, "hold", ERROR, "e-stop latched" + (": decelerating" if moving else ""))
+            extra = f"; {self.hold_detail}" if self.hold_detail else ""
+            return Status(st, "hold", ERROR, "e-stop latched" + (": decelerating" if moving else "") + extra)
         if not self.initialized:
             return Status("waiting", "hold", WARN, "waiting for fresh joint states")
         if self.holding or self.active is None:
-            lvl = OK if self.hold_reason in ("waiting for command", "reset, waiting for command") else WARN
-            return Status(f"holding:{self.hold_reason}", "hold", lvl, f"holding: {self.hold_reason}")
+            reason = self.hold_reason
+            lvl = {"waiting for command": OK, "reset, waiting for resume": OK, "following error": ERROR}.get(reason,
+                                                                                                            WARN)
+            msg = f"holding: {reason}" + (f": {self.hold_detail}" if self.hold_detail else "")
+            if self.await_start and reason == "following error":
+                msg += "; call safety/resume_policy"
+            return Status(f"holding:{reason}", "hold", lvl, msg)
         return Status("ok", self.active.source, OK, f"following {self.active.source}")
-
-
-@dataclass
-class LimitChecker:
-    """Independent check of an output stream against a robot's limits (tests, benchmark, fuzz).
-
-    Limits are recomputed here from the robot description and the config (not taken from the
-    filter's own arrays). Feed outputs in order with :meth:`check`; call :meth:`restart` where the
-    stream legitimately restarts at rest from the measured position (start-up, reset).
-    """
-
-    filt: SafetyFilter  # only its robot, config and period are used
-    tol: float = 1e-7  # relative tolerance for floating-point rounding (negative: demand slack)
-    violations: list = field(default_factory=list)
-
-    def __post_init__(self):
-        r, c = self.filt.robot, self.filt.cfg
-        self.dt = 1.0 / c.output_rate
-        self.q_lo = r.position_min + c.position_margin
-        self.q_hi = r.position_max - c.position_margin
-        self.v_max = r.velocity_max * c.velocity_scale
-        self.a_max = r.acceleration_max * c.acceleration_scale
-        self.j_max = None if r.jerk_max is None else r.jerk_max * c.jerk_scale
-        self.pdv = r.position_dependent_velocity
-        self.q = self.v = self.a = None
-
-    def restart(self, q: np.ndarray) -> None:
-        self.q = np.asarray(q, float).copy()
-        self.v = np.zeros_like(self.q)
-        self.a = np.zeros_like(self.q)
-
-    def check(self, q_new: np.ndarray) -> list[str]:
-        """Check the next output; returns (and records) what it violates."""
-        dt, tol = self.dt, self.tol
-        bad = []
-        q_new = np.asarray(q_new, float)
-        lo = np.minimum(self.q_lo, self.q) - 1e-9  # outside the band (start-up): never further out
-        hi = np.maximum(self.q_hi, self.q) + 1e-9
-        if np.any(q_new < lo) or np.any(q_new > hi):
-            bad.append(f"position {q_new} outside [{self.q_lo}, {self.q_hi}]")
-        v = (q_new - self.q) / dt
-        vlo, vhi = -self.v_max, self.v_max
-        if self.pdv is not None:  # libfranka's bounds at the previous output
-            plo, phi = self.pdv.bounds(self.q, self.v_max)
-            vlo, vhi = np.maximum(vlo, plo), np.minimum(vhi, phi)
-        if np.any(v > vhi * (1 + tol) + 1e-9) or np.any(v < vlo * (1 + tol) - 1e-9):
-            bad.append(f"velocity {v} outside [{vlo}, {vhi}]")
-        a = (v - self.v) / dt
-        if np.any(np.abs(a) > self.a_max * (1 + tol) + 1e-6):
-            bad.append(f"acceleration {a} beyond {self.a_max}")
-        if self.j_max is not None:
-            j = (a - self.a) / dt
-            if np.any(np.abs(j) > self.j_max * (1 + tol) + 1e-3):
-                bad.append(f"jerk {j} beyond {self.j_max}")
-        self.q, self.v, self.a = q_new, v, a
-        self.violations.extend(bad)
-        return bad

@@ -15,10 +15,17 @@ Contract (see docs/nodes.md):
   applies it to the *measured* TCP pose (RT-1 / Google robot). In ``target`` mode the target is
   re-anchored to the measured pose on the first action and whenever the arm is found farther than
   ``max_target_drift`` from it (someone else moved it: teleop, e-stop, safety hold).
-- IK failure (solver not converged, or a target outside the joint limits) -> hold, no output, the
-  target is not advanced.
+- Velocity level, as MoveIt Servo: a step is a sequence of damped pseudo-inverse cycles along the
+  straight TCP line, each scaled (never refused) for singularities (by the Jacobian's condition
+  number, only when heading into one), joint velocity limits and the joint-limit band
+  (``RobotConfig.position_margin``, the safety node's margin). Away from these every step lands its
+  delta; otherwise the feasible part is carried out (:class:`StepInfo` says how much and why) and
+  the target becomes the pose actually reached, so an unachievable part never accumulates.
+- The node clock running backwards (simulator reset, looping bag) drops the stamp state and the
+  joint state: the servo does not stall until the clock catches up.
 - Output: joint positions for the arm joints plus the gripper's finger joint in metres, as one or
-  more trajectory points spanning the step period (``time_from_start``), stamped "now".
+  more trajectory points spanning the step period (``time_from_start``), stamped "now". A step that
+  carries out nothing (hard stop) still sends the held target, which keeps the safety node fed.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from magma_ros.core.checks import read_joint_state, stamp_age
 from magma_ros.core.errors import ConfigError, choose
 from magma_ros.core.kinematics import pose_error, rotvec_to_matrix
 from magma_ros.core.robot import RobotConfig
@@ -50,22 +58,39 @@ def pose_delta(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- config and results
 @dataclass(frozen=True)
 class ServoConfig:
-    """Servo parameters (ROS parameters of the servo node, same names)."""
+    """Servo parameters (ROS parameters of the servo node, same names).
+
+    The singularity and joint-limit parameters are MoveIt Servo's (moveit_servo
+    ``servo_parameters.yaml``), with its defaults.
+    """
 
     robot: str = "fr3"  # fr3 | panda | wx250s (config/robots/<robot>.yaml)
     step_period: float = 0.2  # [s] each twist is applied for this long; MUST equal the policy's
     max_action_age: float = 2.0  # [s] twists/gripper commands older than this (stamp vs now) are dropped
     future_tolerance: float = 0.5  # [s] stamps further than this in the future are dropped (clock skew)
     delta_mode: str = ""  # "" = the robot's default; "target" (Bridge) | "measured" (RT-1)
-    points: int = 1  # trajectory points per step (>1: straight TCP line, IK at each point)
+    points: int = 1  # trajectory points per step (>1: the TCP line sampled at each point)
     max_delta_pos: float = 0.1  # [m] a step asking for a larger translation is refused (hold)
     max_delta_rot: float = 0.6  # [rad] a step asking for a larger rotation is refused (hold)
     max_target_drift: float = 0.05  # [m] target mode: re-anchor on the measured pose beyond this
     max_target_drift_rot: float = 0.35  # [rad] same, rotation
     state_timeout: float = 0.5  # [s] joint states older than this -> hold (nothing is computed)
-    limit_margin: float = 0.0  # [rad] IK solutions closer than this to a position limit are refused
-    max_joint_step: float = 0.5  # [rad] an IK answer moving any joint more than this in one step is refused
-    ik_iters: int = 100  # damped-least-squares iterations per solve
+    # velocity-level stepping (MoveIt Servo: publish_period): a step is carried out as step_period /
+    # control_period cycles, each a damped pseudo-inverse step towards the TCP line, scaled (never refused)
+    control_period: float = 0.02  # [s] one servo cycle inside a step
+    joint_velocity_scale: float = 1.0  # (0, 1] fraction of the robot's velocity_max a cycle may use
+    lower_singularity_threshold: float = 17.0  # Jacobian condition number where slowing down starts
+    hard_stop_singularity_threshold: float = 30.0  # condition number where motion INTO a singularity stops
+    leaving_singularity_threshold_multiplier: float = 2.0  # leaving: the slow-down ramp is this much wider
+    leaving_singularity_min_scale: float = 0.25  # leaving (or not heading into) a singularity is never
+    #                                               slowed below this, so the arm can always back out
+    damping: float = 0.05  # [m] damped least squares: damping at an exact singularity ...
+    singular_region: float = 0.05  # [m] ... ramping in as the smallest singular value falls below this
+    singularity_escape: bool = True  # inside singular_region, a part of the twist the Jacobian has lost
+    #                                  turns the arm along its null space (TCP still) until it can be done
+    escape_velocity: float = 1.0  # [rad/s] speed of that null-space motion (per joint, at most)
+    clock_jump: float = 0.1  # [s] the node clock running back by more than this = a clock reset (sim
+    #                          reset, looping bag): stamp state is dropped and the next twist re-anchors
     settle_time: float = 1.0  # [s] after a step ends its final target is re-sent (same target, fresh
     #                           stamp) for this long so a step the arm could not finish in one period
     #                           completes before the safety node's command watchdog holds; 0 = off
@@ -83,6 +108,23 @@ class ServoConfig:
             raise ConfigError(f"servo max_action_age must be > 0 s, got {self.max_action_age}")
         if self.points < 1:
             raise ConfigError(f"servo points must be >= 1, got {self.points}")
+        if not (self.control_period > 0.0 and math.isfinite(self.control_period)):
+            raise ConfigError(f"servo control_period must be > 0 s, got {self.control_period}")
+        if not 0.0 < self.joint_velocity_scale <= 1.0:
+            raise ConfigError(f"servo joint_velocity_scale must be in (0, 1], got {self.joint_velocity_scale}")
+        if not 1.0 <= self.lower_singularity_threshold < self.hard_stop_singularity_threshold:
+            raise ConfigError("servo: need 1 <= lower_singularity_threshold < hard_stop_singularity_threshold, "
+                              f"got {self.lower_singularity_threshold}, {self.hard_stop_singularity_threshold}")
+        if not self.leaving_singularity_threshold_multiplier >= 1.0:
+            raise ConfigError("servo leaving_singularity_threshold_multiplier must be >= 1, got "
+                              f"{self.leaving_singularity_threshold_multiplier}")
+        if not 0.0 < self.leaving_singularity_min_scale <= 1.0:
+            raise ConfigError("servo leaving_singularity_min_scale must be in (0, 1], got "
+                              f"{self.leaving_singularity_min_scale}")
+        for name in ("damping", "singular_region", "escape_velocity", "clock_jump"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0.0):
+                raise ConfigError(f"servo {name} must be >= 0, got {v}")
         if self.delta_mode:
             choose(self.delta_mode, ("target", "measured"), "delta_mode")
         return self
@@ -99,11 +141,25 @@ class JointCommand:
 
 
 @dataclass(frozen=True)
+class StepInfo:
+    """How one twist was carried out (diagnostics)."""
+
+    fraction: float  # share of the commanded TCP delta carried out: 1 = all, 0 = none (6-D, 0.1 m/rad)
+    condition: float  # largest Jacobian condition number (sigma_max / sigma_min) met during the step
+    singularity_scale: float  # smallest singularity slow-down factor applied (1 = none, 0 = hard stop)
+    velocity_scale: float  # smallest joint-velocity-limit factor applied (1 = none)
+    limited: str  # what held the step back most: "" | "singularity" | "joint velocity" | "joint limit"
+    #               | "unreachable" (a part of the twist no joint motion gives, e.g. at the workspace edge)
+    escape: float  # [rad] largest joint travel of the null-space motion used to leave a singularity
+
+
+@dataclass(frozen=True)
 class ServoResult:
     """What one input did: a command to publish (or None = hold) and why."""
 
     command: JointCommand | None
     reason: str  # "applied", "gripper", or why nothing was sent
+    step: StepInfo | None = None  # twists that were applied: how much of the step was carried out
 
 
 @dataclass
@@ -112,10 +168,14 @@ class ServoStats:
 
     applied: int = 0
     held_late: int = 0  # twists that arrived after the previous step had ended (arm held meanwhile)
+    scaled: int = 0  # applied twists carried out less than 99 % (singularity, limits, workspace edge)
+    clock_resets: int = 0  # the node clock jumped back (sim reset / looping bag): stamp state dropped
     dropped: dict = field(default_factory=dict)  # reason -> count
+    last_step: StepInfo | None = None
 
     def drop(self, reason: str) -> None:
-        key = reason.split(":")[0]
+        """Count one held twist under the kind of ``reason`` (the text before ':' or ' (')."""
+        key = reason.split(":")[0].split(" (")[0]  # the kind, not its figures (one diagnostics key each)
         self.dropped[key] = self.dropped.get(key, 0) + 1
 
 
@@ -126,13 +186,38 @@ class _Segment:
     positions: np.ndarray  # (n, arm dof)
 
 
+_ROT_WEIGHT = 0.1  # [m/rad] weight of rotation against translation in the step's fraction
+
+
+def _weighted_norm(dp: np.ndarray, dr: np.ndarray) -> float:
+    return math.sqrt(float(dp @ dp) + _ROT_WEIGHT ** 2 * float(dr @ dr))
+
+
+def singularity_scale(kappa: float, into: bool, cfg: ServoConfig) -> float:
+    """MoveIt Servo's slow-down factor at condition number ``kappa`` (common.cpp
+    ``velocityScalingFactorForSingularity``), applied only to motion heading ``into`` the singularity.
+
+    Into: 1 below ``lower_singularity_threshold``, linear down to 0 at ``hard_stop_singularity_threshold``
+    (and 0 beyond). Not into: MoveIt's wider leaving ramp (``leaving_singularity_threshold_multiplier``)
+    but never below ``leaving_singularity_min_scale``; MoveIt halts past the hard stop whatever the
+    direction, here the arm can always back out.
+    """
+    lo, hard = cfg.lower_singularity_threshold, cfg.hard_stop_singularity_threshold
+    if not kappa > lo:
+        return 1.0
+    if into:
+        return 0.0 if kappa >= hard else 1.0 - (kappa - lo) / (hard - lo)
+    upper = lo + (hard - lo) * cfg.leaving_singularity_threshold_multiplier
+    return max(cfg.leaving_singularity_min_scale, 1.0 - (kappa - lo) / (upper - lo))
+
+
 # --------------------------------------------------------------------------- the servo
 class Servo:
     """Turns base-frame twists and a normalized gripper into joint commands (one step each).
 
     ``kinematics`` is a :class:`magma_ros.core.kinematics.Kinematics` for ``robot`` (``fk(q)``,
-    ``solve(T, q_seed)``, ``solve_delta(q, dpos, drotvec, q_seed)``). All times are seconds on one
-    clock (the node clock; sim time under ``use_sim_time``).
+    ``jacobian(q)``, ``jacobian_pose(q)``; ``lower``/``upper`` when it narrows the limits). All times
+    are seconds on one clock (the node clock; sim time under ``use_sim_time``).
     """
 
     def __init__(self, robot: RobotConfig, kinematics, config: ServoConfig | None = None):
@@ -152,21 +237,48 @@ class Servo:
         self._segment: _Segment | None = None
         self.last_spacing: float | None = None  # [s] stamp spacing of the last two applied twists
         self._keepalive_t = -math.inf
+        self._clock = -math.inf  # latest node time seen (a clock jumping back is detected against it)
+        self.clock_note = ""  # one line about the last clock reset (the node logs it once)
+        # The joint-limit band the servo plans in: the robot's limits (narrowed to the URDF's where the
+        # kinematics has them) less RobotConfig.position_margin, the same margin the safety node keeps.
+        lo = np.maximum(robot.position_min, getattr(kinematics, "lower", robot.position_min))
+        hi = np.minimum(robot.position_max, getattr(kinematics, "upper", robot.position_max))
+        self._q_lo, self._q_hi = lo + robot.position_margin, hi - robot.position_margin
 
     # ---------------------------------------------------------------- inputs
+    def check_clock(self, now: float) -> bool:
+        """Detect the node clock jumping back (True once per jump); every entry point calls this.
+
+        A simulator reset (Isaac Sim) or a looping bag under ``use_sim_time`` restarts the clock. The
+        stamps remembered from before would then be "newer" than every new twist until the clock caught
+        up: they are dropped, with the joint state (its arrival time is on the old clock) and the
+        target (the arm may have been teleported), so the next twist re-anchors on fresh joint states.
+        """
+        now = float(now)
+        jumped = now < self._clock - self.cfg.clock_jump
+        if jumped:
+            self.clock_note = (f"node clock jumped back {self._clock - now:.3f} s (to {now:.3f} s): stamp "
+                               "state reset, waiting for fresh joint states")
+            self.stats.clock_resets += 1
+            self._last_stamp = -math.inf
+            self._gripper_stamp = -math.inf
+            self._keepalive_t = -math.inf
+            self._q, self._state_t, self._finger = None, None, None
+            self.reset()
+            self._clock = now
+        else:
+            self._clock = max(self._clock, now)
+        return jumped
+
     def update_state(self, names, positions, t: float) -> bool:
         """Store a joint-state sample (any order, extra joints ignored). False if arm joints are missing."""
-        idx = {n: i for i, n in enumerate(names)}
-        try:
-            q = np.array([float(positions[idx[j]]) for j in self.robot.arm_joints])
-        except (KeyError, IndexError, TypeError, ValueError):
+        self.check_clock(t)
+        js = read_joint_state(names, positions, self.robot.arm_joints, self.robot.gripper.joint)
+        if js.arm is None:
             return False
-        if not np.all(np.isfinite(q)):
-            return False
-        self._q, self._state_t = q, float(t)
-        g = self.robot.gripper.joint
-        if g in idx and idx[g] < len(positions) and math.isfinite(float(positions[idx[g]])):
-            self._finger = float(positions[idx[g]])
+        self._q, self._state_t = js.arm, float(t)
+        if js.finger is not None:
+            self._finger = js.finger
         return True
 
     def reset(self) -> None:
@@ -181,16 +293,20 @@ class Servo:
         return self._q is not None
 
     @property
+    def position_band(self) -> tuple[np.ndarray, np.ndarray]:
+        """([dof], [dof]) [rad] the joint range the servo plans in: the limits less ``position_margin``."""
+        return self._q_lo.copy(), self._q_hi.copy()
+
+    @property
     def target_q(self) -> np.ndarray | None:
         return None if self._target_q is None else self._target_q.copy()
 
     def _age_ok(self, stamp: float, now: float) -> str:
-        if stamp == 0.0:  # zero stamp = "now" (as for JointTrajectoryController)
-            return ""
-        if now - stamp > self.cfg.max_action_age:
-            return f"stale: action {now - stamp:.2f} s old > max_action_age {self.cfg.max_action_age} s"
-        if stamp - now > self.cfg.future_tolerance:
-            return f"future: stamp {stamp - now:.2f} s ahead of the clock"
+        kind, age = stamp_age(stamp, now, self.cfg.max_action_age, self.cfg.future_tolerance)  # 0 = "now"
+        if kind == "stale":
+            return f"stale: action {age:.2f} s old > max_action_age {self.cfg.max_action_age} s"
+        if kind == "future":
+            return f"future: stamp {-age:.2f} s ahead of the clock"
         return ""
 
     def _state_ok(self, now: float) -> str:
@@ -208,6 +324,7 @@ class Servo:
         return res
 
     def _on_twist(self, stamp: float, linear, angular, now: float) -> ServoResult:
+        self.check_clock(now)
         try:
             v = np.asarray(linear, dtype=float).reshape(3)
             w = np.asarray(angular, dtype=float).reshape(3)
@@ -243,40 +360,201 @@ class Servo:
             start_pose, start_q = self._target_pose, self._target_q
         else:
             start_pose, start_q = measured_pose, self._q
-        goal = apply_delta(start_pose, dpos, drot)
 
-        # IK for each point along the straight TCP line (one point by default).
-        n = self.cfg.points
-        qs, seed = [], np.asarray(start_q, dtype=float)
-        for k in range(1, n + 1):
-            pose_k = goal if k == n else apply_delta(start_pose, dpos * k / n, drot * k / n)
-            # No random restarts: a restart may jump to another IK branch.
-            r = self.kin.solve(pose_k, seed, restarts=0, max_iters=self.cfg.ik_iters)
-            if not getattr(r, "ok", False):
-                return ServoResult(None, f"ik failed: {getattr(r, 'status', 'no solution')} "
-                                         f"(pos err {r.pos_err * 1e3:.1f} mm, rot err {r.rot_err:.3f} rad)")
-            q_k = np.asarray(r.q, dtype=float)
-            jump = float(np.max(np.abs(q_k - seed)))
-            if jump > self.cfg.max_joint_step:
-                return ServoResult(None, f"ik failed: joint jump {jump:.2f} rad > max_joint_step "
-                                         f"{self.cfg.max_joint_step} rad")
-            lo = self.robot.position_min + self.cfg.limit_margin
-            hi = self.robot.position_max - self.cfg.limit_margin
-            if not np.all((q_k >= lo) & (q_k <= hi)) or not np.all(np.isfinite(q_k)):
-                return ServoResult(None, "ik failed: solution outside the joint limits")
-            qs.append(q_k)
-            seed = q_k
+        qs, info = self.plan_step(start_q, start_pose, dpos, drot)
+        self.stats.last_step = info
+        if info.fraction < 0.99:
+            self.stats.scaled += 1
 
         if self._segment is not None and now > self._segment.t0 + self._segment.times[-1]:
             self.stats.held_late += 1
         if math.isfinite(self._last_stamp) and stamp != 0.0:
             self.last_spacing = eff_stamp - self._last_stamp
         self._last_stamp = eff_stamp
-        self._target_pose, self._target_q = goal, qs[-1]
+        # The target is the pose actually reached: a part of the delta that could not be carried out
+        # (singularity, joint limit, workspace edge) is dropped, never kept as a runaway target.
+        self._target_q = qs[-1].copy()
+        self._target_pose = np.asarray(self.kin.fk(self._target_q), dtype=float)
+        n = len(qs)
         times = tuple(T * k / n for k in range(1, n + 1))
-        self._segment = _Segment(now, times, np.array(qs))
+        self._segment = _Segment(now, times, qs)
         self.stats.applied += 1
-        return ServoResult(self._command(times, np.array(qs), now), "applied")
+        return ServoResult(self._command(times, qs, now), "applied", info)
+
+    # ---------------------------------------------------------------- the velocity-level step
+    def plan_step(self, q0, start_pose: np.ndarray, dpos, drot) -> tuple[np.ndarray, StepInfo]:
+        """Carry out the TCP delta ``(dpos, drot)`` from ``start_pose`` as far as the arm can in one step.
+
+        The step is split into control cycles (``step_period / control_period``, a multiple of
+        ``points``). Each cycle is one damped pseudo-inverse step from ``q`` towards the next point of
+        the straight TCP line ``start_pose -> apply_delta(start_pose, dpos, drot)`` (so linearisation
+        error is corrected on the way), then scaled as MoveIt Servo does, never refused:
+
+        - singularity: by the Jacobian's condition number (:func:`singularity_scale`), only when the
+          cycle heads into the singularity (its condition number after the cycle is higher);
+        - joint velocity: uniformly, so no joint exceeds ``velocity_max * joint_velocity_scale`` (and,
+          for the FR3, libfranka's position-dependent bounds);
+        - joint limits: a joint at the ``position_margin`` band's edge that the step pushes outwards is
+          frozen and the cycle re-solved without it; one moving towards the edge stops there.
+
+        Inside ``singular_region`` a part of the twist the Jacobian cannot give at all (lost rank: the
+        WidowX's collinear wrist rolls at home) drives a null-space self-motion (the TCP does not move)
+        that turns the arm until that part can be given: from there the arm leaves the singularity.
+
+        ``q0`` (n,) [rad] is where the step starts (previous target or measured joints), ``start_pose``
+        (4, 4) its TCP pose. Returns the joint positions at the ``points`` output instants
+        (points, n) [rad] and a :class:`StepInfo`.
+        """
+        cfg, rb = self.cfg, self.robot
+        q = np.asarray(q0, dtype=float).copy()
+        dpos = np.asarray(dpos, dtype=float)
+        drot = np.asarray(drot, dtype=float)
+        n_pts = cfg.points
+        per_pt = max(1, math.ceil(cfg.step_period / cfg.control_period / n_pts - 1e-9))
+        n_cyc = n_pts * per_pt
+        dt = cfg.step_period / n_cyc
+        lo, hi = self._q_lo, self._q_hi
+        vmax = rb.velocity_max * cfg.joint_velocity_scale
+        out = np.empty((n_pts, q.size))
+        worst_kappa, worst_sing, worst_vel, escape_travel = 0.0, 1.0, 1.0, 0.0
+        limited_by_joint = False
+        for k in range(1, n_cyc + 1):
+            ref = apply_delta(start_pose, dpos * (k / n_cyc), drot * (k / n_cyc))
+            J, pose = self.kin.jacobian_pose(q)
+            e = np.concatenate(pose_error(ref, pose))
+            dq, sigma, frozen = self._dls(J, e, q, lo, hi)
+            kappa = float(sigma[0] / sigma[-1]) if sigma[-1] > 0 else math.inf
+            worst_kappa = max(worst_kappa, kappa)
+            limited_by_joint |= bool(frozen.any())
+            # singularity: heading into it = the inverse condition number falls over this cycle
+            s_sing = 1.0
+            if kappa > cfg.lower_singularity_threshold and np.any(dq):
+                sig_next = np.linalg.svd(self.kin.jacobian(q + dq), compute_uv=False)
+                into = float(sig_next[-1] / sig_next[0]) < float(sigma[-1] / sigma[0]) - 1e-12
+                s_sing = singularity_scale(kappa, into, cfg)
+            dq = dq * s_sing
+            # escape: a self-motion (TCP still, so never slowed as "into") that regains the lost part
+            if cfg.singularity_escape and sigma[-1] < cfg.singular_region:
+                dn = self._escape(J, e - J @ (dq / max(s_sing, 1e-9)), e, q, dt, frozen)
+                if dn is not None:
+                    dq = dq + dn
+                    escape_travel = max(escape_travel, float(np.abs(dn).max()))
+            worst_sing = min(worst_sing, s_sing)
+            if np.any(dq):
+                q, s_vel, at_limit = self._limit_cycle(q, dq, dt, vmax, lo, hi)
+                worst_vel = min(worst_vel, s_vel)
+                limited_by_joint |= at_limit
+            if k % per_pt == 0:
+                out[k // per_pt - 1] = q
+        # what was carried out: the reached pose against the commanded one (6-D, rotation weighted)
+        goal = apply_delta(start_pose, dpos, drot)
+        reached = np.asarray(self.kin.fk(q), dtype=float)
+        want = _weighted_norm(dpos, drot)
+        miss = _weighted_norm(*pose_error(goal, reached))
+        fraction = 1.0 if want < 1e-12 else float(np.clip(1.0 - miss / want, 0.0, 1.0))
+        limited = ""
+        if fraction < 0.99:
+            if worst_sing < 0.99:
+                limited = "singularity"
+            elif limited_by_joint:
+                limited = "joint limit"
+            elif worst_vel < 0.99:
+                limited = "joint velocity"
+            else:
+                limited = "unreachable"
+        return out, StepInfo(fraction, worst_kappa, worst_sing, worst_vel, limited, escape_travel)
+
+    def _limit_cycle(self, q: np.ndarray, dq: np.ndarray, dt: float, vmax: np.ndarray, lo: np.ndarray,
+                     hi: np.ndarray) -> tuple[np.ndarray, float, bool]:
+        """Scale one cycle's joint step ``dq`` uniformly (its direction kept) so that no joint exceeds its
+        velocity bound and none leaves the band [lo, hi]; returns (new q, velocity scale, band hit)."""
+        rb = self.robot
+        vlo, vhi = -vmax, vmax
+        if rb.position_dependent_velocity is not None:
+            vlo, vhi = rb.position_dependent_velocity.bounds(q, vmax)
+        v = dq / dt
+        up, down = v > 0, v < 0
+        ratio = np.full(v.size, np.inf)
+        ratio[up] = vhi[up] / v[up]
+        ratio[down] = vlo[down] / v[down]
+        s_vel = min(1.0, max(0.0, float(ratio.min())))
+        # joint-limit band: a joint moving outwards stops at the edge
+        step = dq * s_vel
+        up, down = step > 0, step < 0
+        room = np.full(v.size, np.inf)
+        room[up] = np.maximum(hi[up] - q[up], 0.0) / step[up]
+        room[down] = np.maximum(q[down] - lo[down], 0.0) / -step[down]
+        s_lim = min(1.0, float(room.min()))
+        return q + step * s_lim, s_vel, s_lim < 1.0
+
+    def _damped(self, J: np.ndarray, e: np.ndarray, free: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(damped pseudo-inverse of J applied to e (n,), singular values of J (6,)); ``free`` = the
+        number of columns not zeroed (frozen joints do not count as a singularity)."""
+        U, sigma, Vt = np.linalg.svd(J, full_matrices=False)
+        cfg = self.cfg
+        s_min = sigma[min(sigma.size, free if free is not None else sigma.size) - 1]
+        lam2 = 0.0
+        if s_min < cfg.singular_region:
+            lam2 = cfg.damping ** 2 * (1.0 - (s_min / cfg.singular_region) ** 2)
+        lam2 = max(lam2, 1e-12)  # keeps the step finite when the rank is lost exactly
+        return Vt.T @ (sigma / (sigma * sigma + lam2) * (U.T @ e)), sigma
+
+    def _dls(self, J: np.ndarray, e: np.ndarray, q: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+        """Damped pseudo-inverse step for the TCP error ``e`` (6,), joints outside the band frozen.
+
+        Returns (dq (n,), singular values of the full J (6,), frozen mask (n,)). The damping ramps in
+        as the smallest singular value falls below ``singular_region`` (Nakamura / Maciejewski):
+        lambda^2 = damping^2 (1 - (sigma_min / singular_region)^2).
+        """
+        dq, sigma = self._damped(J, e)
+        frozen = np.zeros(q.size, bool)
+        for _ in range(q.size):
+            push = ((q >= hi - 1e-12) & (dq > 0)) | ((q <= lo + 1e-12) & (dq < 0))
+            push &= ~frozen
+            if not push.any():
+                break
+            frozen |= push
+            Jw = J.copy()
+            Jw[:, frozen] = 0.0
+            dq = self._damped(Jw, e, int((~frozen).sum()))[0]
+        dq[frozen] = 0.0
+        return dq, sigma, frozen
+
+    def _escape(self, J: np.ndarray, r: np.ndarray, e: np.ndarray, q: np.ndarray, dt: float,
+                frozen: np.ndarray):
+        """Null-space self-motion (n,) for one cycle that makes the lost part ``r`` (6,) of the twist
+        reachable, or None.
+
+        Candidates are the right singular vectors whose singular value is below ``singular_region``
+        (self-motions: the TCP stays put to first order). For each, the change of J along it (central
+        difference) shows how fast the direction of ``r`` becomes reachable; the best one is followed at
+        ``escape_velocity``. Only while ``r`` is a real part of the command (> 5 % of the TCP error).
+        """
+        cfg = self.cfg
+        rn = float(np.linalg.norm(r))
+        if rn < 1e-9 or rn < 0.05 * float(np.linalg.norm(e)) or cfg.escape_velocity <= 0.0:
+            return None
+        _, sig, Vt = np.linalg.svd(J)
+        cand = [i for i in range(Vt.shape[0]) if i >= sig.size or sig[i] < cfg.singular_region]
+        r_hat = r / rn
+        best, best_gain = None, 1e-6
+        h = 1e-4
+        for i in cand:
+            nv = Vt[i].copy()
+            nv[frozen] = 0.0
+            if not np.any(nv):
+                continue
+            nv /= np.linalg.norm(nv)
+            G = (self.kin.jacobian(q + h * nv) - self.kin.jacobian(q - h * nv)) / (2 * h)
+            a = r_hat @ G  # (n,) growth of the reachable rate along r per radian of self-motion
+            gain = float(np.linalg.norm(a))
+            if gain > best_gain:
+                # the sign that makes r more reachable (at an exact singularity both do: take +)
+                grow = float((r_hat @ J) @ a)
+                best, best_gain = (math.copysign(1.0, grow) if abs(grow) > 1e-9 else 1.0) * nv, gain
+        if best is None:
+            return None
+        return best * (cfg.escape_velocity * dt / float(np.abs(best).max()))
 
     def on_gripper(self, value: float, stamp: float, now: float) -> ServoResult:
         """Set the gripper (0 closed ... 1 open). Re-sends the current step with the new finger value.
@@ -284,6 +562,7 @@ class Servo:
         The arm part is unchanged: the remainder of the running step, or (no step running) the last
         target / measured position over one step period.
         """
+        self.check_clock(now)
         try:
             value, stamp = float(value), float(stamp)
         except (TypeError, ValueError):
@@ -323,6 +602,7 @@ class Servo:
         ``keepalive_period``: the same joint target (nothing new), so a late next action still means
         the arm holds at the last target; once ``settle_time`` is over nothing is sent.
         """
+        self.check_clock(now)
         seg = self._segment
         if seg is None or self.cfg.settle_time <= 0:
             return ServoResult(None, "idle")

@@ -168,6 +168,8 @@ def run_node(make_node: Callable[[], object], args=None, threads: int = 2) -> in
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not abort the clean-up
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if executor is not None:
+            _drain(executor)
         if node is not None:
             close = getattr(node, "close", None)
             if callable(close):
@@ -176,9 +178,42 @@ def run_node(make_node: Callable[[], object], args=None, threads: int = 2) -> in
                 except Exception as e:  # noqa: BLE001 - report, then still shut down cleanly
                     print(f"[magma_ros] error while closing: {e}", file=sys.stderr)
         if executor is not None:
+            _join_workers(executor)
             executor.shutdown(timeout_sec=1.0)
         if node is not None:
             node.destroy_node()
         if rclpy.ok():
             rclpy.try_shutdown()
     return 0
+
+
+def _drain(executor, timeout: float = 2.0) -> None:
+    """Give the callbacks still in flight up to ``timeout`` s to finish (before the node closes).
+
+    rclpy's ``MultiThreadedExecutor.shutdown`` destroys its guard condition before it joins its
+    worker threads, so a callback that finishes after that fails on the destroyed guard ("cannot use
+    Destroyable because destruction was requested") and the error is printed at exit as "The
+    following exception was never retrieved". See :func:`_join_workers` for the second half.
+    """
+    import time
+
+    tasks = list(getattr(executor, "_futures", ()))  # submitted callbacks (MultiThreadedExecutor)
+    deadline = time.monotonic() + timeout
+    while any(not t.done() for t in tasks) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _join_workers(executor) -> None:
+    """Join the executor's worker threads while its guard condition still exists (after the node's
+    ``close()``), then report the error of any callback that really failed, once, as a line."""
+    pool = getattr(executor, "_executor", None)  # the worker thread pool (MultiThreadedExecutor)
+    if pool is not None:
+        pool.shutdown(wait=True)
+    tasks = list(getattr(executor, "_futures", ())) + [t[0] for t in getattr(executor, "_tasks", ())]
+    for task in tasks:
+        try:
+            err = task.exception() if task.done() else None
+        except Exception:  # noqa: BLE001 - a cancelled task, or an rclpy without these internals
+            err = None
+        if err is not None:
+            print(f"[magma_ros] error in a callback at shutdown: {type(err).__name__}: {err}", file=sys.stderr)

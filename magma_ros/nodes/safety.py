@@ -10,10 +10,17 @@ Out: jtc ``<arm_controller>/joint_trajectory`` | forward ``<forward_controller>/
      ``diagnostics``, latched ``safety/state`` and ``safety/source``.
 All names are relative (one namespace per arm); all times come from the node clock (use_sim_time).
 See docs/safety.md.
+
+Test-only parameter ``fault_injection`` (default ""): ``"tick:N"`` raises inside every output tick
+from the N-th on (before the filter runs), ``"step:N"`` makes the filter's output step itself raise
+from the N-th tick on. It exists so the node
+tests can prove that an internal error keeps the hold going out at the output rate; never set it on
+a robot.
 """
 
 from __future__ import annotations
 
+from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
@@ -38,9 +45,11 @@ class SafetyNode(Node):
 
     def __init__(self):
         super().__init__("safety")
+        self._origin: int | None = None  # [s] whole-second origin of the filter's time base
         self.cfg = declare_config(self, SafetyConfig)
         self.declare_parameter("franka_gripper_ns", "franka_gripper")  # UNVERIFIED name; see docs
         self.declare_parameter("franka_grasp_force", 20.0)  # [N] franka_gripper grasp force
+        self._fault = str(self.declare_parameter("fault_injection", "").value)  # TEST ONLY (module doc)
         self.robot = load_robot(self.cfg.robot)
         self.filter = SafetyFilter(self.robot, self.cfg)
         r, dt = self.robot, self.filter.dt
@@ -90,22 +99,46 @@ class SafetyNode(Node):
         self._last_status = None
         self._last_rejection = ""
         self._rejections = 0
+        self._ticks = 0
+        self._internal_errors = 0
+        self._internal_error = ""  # the last internal error (reported until the node restarts)
+        self._last_out = None  # the last output published (the fallback hold)
         self._publish_status(force=True)
         self.get_logger().info(
             f"safety: robot={r.name} controller={self.controller} gripper={gmode} "
             f"rate={self.cfg.output_rate:g} Hz "
-            f"margin={self.cfg.position_margin:g} rad; waiting for joint states on "
+            f"margin={self.filter.margin:g} rad jtc_stamp={self.cfg.jtc_stamp}; waiting for joint states on "
             f"'{self.resolve_topic_name(r.joint_states_topic)}'")
 
     # --------------------------------------------------------------------------------------- time
+    # The filter runs on seconds since a whole-second origin taken at start-up: an epoch time (1.8e9 s)
+    # as a float resolves only ~0.2 µs, too coarse for limits checked over a few milliseconds.
     def _now(self) -> float:
-        return self.get_clock().now().nanoseconds * 1e-9
+        ns = self.get_clock().now().nanoseconds
+        if self._origin is None:
+            self._origin = ns // 1_000_000_000
+        return (ns - self._origin * 1_000_000_000) * 1e-9
+
+    def _stamp(self, stamp) -> float:
+        """A header stamp on the filter's time base (a zero stamp stays 0: "now")."""
+        if stamp.sec == 0 and stamp.nanosec == 0:
+            return 0.0
+        if self._origin is None:
+            self._now()
+        return (stamp.sec - self._origin) + stamp.nanosec * 1e-9
+
+    def _time_msg(self, t: float):
+        """Filter time -> builtin_interfaces/Time (integer arithmetic: no precision lost)."""
+        ns = self._origin * 1_000_000_000 + int(round(t * 1e9))
+        return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
     # ------------------------------------------------------------------------------------- inputs
     def _on_joint_state(self, msg: JointState) -> None:
-        err = self.filter.on_joint_state(msg.name, msg.position, self._now())
+        err = self.filter.on_joint_state(msg.name, msg.position, self._now(), self._stamp(msg.header.stamp))
         if err:
             self._note_rejection(f"joint state ignored: {err}")
+        elif self.filter.hold_reason == "following error":
+            self._publish_status()
 
     def _on_command(self, source: str, msg: JointTrajectory) -> None:
         t = self._now()
@@ -113,7 +146,7 @@ class SafetyNode(Node):
             positions = [list(p.positions) for p in msg.points]
             times = [to_seconds(p.time_from_start) for p in msg.points]
             verdict = self.filter.on_command(source, msg.joint_names, positions, times,
-                                             to_seconds(msg.header.stamp), t)
+                                             self._stamp(msg.header.stamp), t)
         except Exception as e:  # noqa: BLE001 - a command must never take the safety path down
             self.filter.last_rejection = f"malformed command ({type(e).__name__}: {e})"
             self._note_rejection(f"{source} command rejected: {self.filter.last_rejection}")
@@ -139,7 +172,10 @@ class SafetyNode(Node):
 
     def _on_reset(self, _req, resp):
         resp.success, resp.message = self.filter.reset(self._now())
-        self.get_logger().info(f"reset: {resp.message}")
+        if resp.success:
+            self.get_logger().info(f"reset: {resp.message}")
+        else:
+            self.get_logger().warning(f"reset refused: {resp.message}")
         self._publish_status(force=True)
         return resp
 
@@ -151,34 +187,75 @@ class SafetyNode(Node):
 
     # ------------------------------------------------------------------------------------ outputs
     def _tick(self) -> None:
+        t = self._now()
+        self._ticks += 1
         try:
-            out = self.filter.step(self._now())
+            self._inject_fault()
+            out = self.filter.step(t)
             if out is not None:
-                self._publish_arm(out)
+                self._publish_arm(out, t)
                 if out.gripper_changed and out.gripper is not None:
                     self._publish_gripper(out.gripper)
             self._publish_status()
-        except Exception as e:  # noqa: BLE001 - never die on the safety path: latch a controlled stop
-            self.filter.estop(self._now())
-            self.get_logger().error(f"internal error, e-stop latched: {type(e).__name__}: {e}",
+        except Exception as e:  # noqa: BLE001 - never die on the safety path: keep the hold going out
+            self._internal_errors += 1
+            self._internal_error = f"internal error in the output step ({type(e).__name__}: {e})"
+            self.get_logger().error(f"{self._internal_error}: e-stop latched, holding",
                                     throttle_duration_sec=1.0)
+            self._hold_after_error(t)
 
-    def _publish_arm(self, out) -> None:
+    def _hold_after_error(self, t: float) -> None:
+        """After an internal error: the filter's own controlled stop; if even that fails, the last
+        output again (jtc: the same message, whose braking tail the controller is following)."""
+        try:
+            self.filter.estop(t)
+            out = self.filter.step(t)
+            if out is not None:
+                self._publish_arm(out, t)
+        except Exception:  # noqa: BLE001 - the filter itself is broken: repeat the last output
+            if self._last_out is not None:
+                self.pub_arm.publish(self._last_out if self.controller != "isaac" else self._restamp(t))
+        try:
+            self._publish_status(force=True)
+        except Exception:  # noqa: BLE001 - reporting must not stop the hold either
+            pass
+
+    def _restamp(self, t: float):
+        msg = self._last_out
+        msg.header.stamp = self._time_msg(t)
+        return msg
+
+    def _inject_fault(self) -> None:
+        """TEST ONLY (see the module doc): raise where ``fault_injection`` says."""
+        if not self._fault:
+            return
+        kind, _, n = self._fault.partition(":")
+        if self._ticks < int(n or 0):
+            return
+        if kind == "tick":
+            raise RuntimeError("injected fault in the output tick (fault_injection, test only)")
+        if kind == "step" and not getattr(self.filter, "_broken", False):
+            def broken(_t):
+                raise RuntimeError("injected fault in the filter step (fault_injection, test only)")
+
+            self.filter.step = broken
+            self.filter._broken = True
+
+    def _publish_arm(self, out, t: float) -> None:
         r = self.robot
         if self.controller == "jtc":
-            msg = JointTrajectory()  # stamp 0: start now
+            msg = JointTrajectory()
+            if self.cfg.jtc_stamp == "tick":  # the path the filter planned, on the node clock
+                msg.header.stamp = self._time_msg(t)
             msg.joint_names = list(r.arm_joints)
-            pts = [out.positions]
-            if self.cfg.jtc_braking_tail:
-                pts += list(self.filter.braking_tail(max_points=1000))
-            for i, q in enumerate(pts):
+            for i, q in enumerate(self.filter.jtc_points()):  # next point + braking tail
                 msg.points.append(JointTrajectoryPoint(positions=[float(x) for x in q],
                                                        time_from_start=to_duration_msg((i + 1) * self.dt)))
         elif self.controller == "forward":
             msg = Float64MultiArray(data=[float(x) for x in out.positions])
         else:
             msg = JointState()
-            msg.header.stamp = self.get_clock().now().to_msg()
+            msg.header.stamp = self._time_msg(t)  # the step time: the set-point is for t + dt
             names, pos = list(r.arm_joints), [float(x) for x in out.positions]
             if self.gripper_mode == "joint_command" and out.gripper is not None:
                 g = r.gripper
@@ -186,6 +263,7 @@ class SafetyNode(Node):
                 pos += [float(out.gripper)] + [float(m * out.gripper) for m in g.mimic_multipliers]
             msg.name, msg.position = names, pos
         self.pub_arm.publish(msg)
+        self._last_out = msg
 
     def _publish_gripper(self, pos: float) -> None:
         if self.gripper_mode == "jtc":
@@ -251,8 +329,12 @@ class SafetyNode(Node):
         level, message = st.level, st.message
         if rejection:
             level, message = max(level, 1), rejection
+        if self._internal_error:
+            level, message = 2, f"{self._internal_error}; {st.message}"
         values = {"state": st.state, "source": st.source, "rejected_messages": self._rejections,
-                  "last_rejection": self._last_rejection,
+                  "last_rejection": self._last_rejection, "internal_errors": self._internal_errors,
+                  "following_errors": self.filter.following_errors,
+                  "output_interruptions": self.filter.interruptions,
                   # matched DDS endpoints (discovery can take seconds): is the command path connected?
                   "policy_command_publishers": self.sub_policy.get_publisher_count(),
                   "output_subscribers": self.pub_arm.get_subscription_count()}

@@ -6,6 +6,8 @@ docs/nodes.md). Run: ``python -m magma_ros.nodes.servo --ros-args -p robot:=fr3`
 
 from __future__ import annotations
 
+import time
+
 from magma_ros.core.errors import ConfigError
 from magma_ros.core.robot import load_robot
 from magma_ros.core.servo import JointCommand, Servo, ServoConfig
@@ -43,6 +45,9 @@ def make_node():
             if self.cfg.settle_time > 0:
                 self.create_timer(self.cfg.keepalive_period / 2, self.on_keepalive)
             self._last_reason = ""
+            self._last_limited = ""
+            self._limited_logged = -1e9  # monotonic time of the last "servo scales" line
+            self._clock_resets = 0
             self._spacing_warned = False
             self._Duration, self._Point, self._Traj = Duration, JointTrajectoryPoint, JointTrajectory
             self.get_logger().info(
@@ -55,8 +60,16 @@ def make_node():
 
         def on_state(self, msg) -> None:
             # Freshness is judged by arrival on the node clock: a driver's stamp may use another clock.
-            if not self.servo.update_state(list(msg.name), list(msg.position), self.now()):
+            ok = self.servo.update_state(list(msg.name), list(msg.position), self.now())
+            self._clock_log()
+            if not ok:
                 self._note("joint states without all arm joints (or NaN)", warn=True)
+
+        def _clock_log(self) -> None:
+            """One log line per clock reset the servo detected (sim reset, looping bag)."""
+            if self.servo.stats.clock_resets != self._clock_resets:
+                self._clock_resets = self.servo.stats.clock_resets
+                self.get_logger().warning(f"servo: {self.servo.clock_note}")
 
         def connected(self) -> bool:
             """Whether a command would reach the safety node (a matched subscriber), else say so."""
@@ -76,7 +89,9 @@ def make_node():
             tw = msg.twist
             res = self.servo.on_twist(to_seconds(msg.header.stamp), (tw.linear.x, tw.linear.y, tw.linear.z),
                                       (tw.angular.x, tw.angular.y, tw.angular.z), self.now())
+            self._clock_log()
             self._handle(res)
+            self._note_scaling(res.step)
             sp = self.servo.last_spacing
             if res.command is not None and sp is not None and sp < 0.8 * self.cfg.step_period \
                     and not self._spacing_warned:
@@ -89,11 +104,13 @@ def make_node():
             if not self.connected():
                 return
             res = self.servo.on_gripper(msg.data, 0.0, self.now())  # Float64 has no stamp: "now"
+            self._clock_log()
             if res.reason != "gripper unchanged":
                 self._handle(res)
 
         def on_keepalive(self) -> None:
             res = self.servo.keepalive(self.now())
+            self._clock_log()
             if res.command is not None:
                 self.pub.publish(self.to_msg(res.command))
 
@@ -105,6 +122,29 @@ def make_node():
                 self._last_reason = res.reason
             else:
                 self._note(res.reason, warn=not res.reason.startswith("duplicate"))
+
+        def _note_scaling(self, step) -> None:
+            """Log when steps start being cut short (< 90 % carried out) or why changes, at most every
+            5 s, and once when they are whole again: a random or aggressive policy must not flood the log."""
+            if step is None:
+                return
+            key = step.limited if step.fraction < 0.9 else ""
+            if key == self._last_limited:
+                return
+            now = time.monotonic()
+            if key and now - self._limited_logged < 5.0:
+                return
+            if key:
+                self.get_logger().info(
+                    f"servo scales: {step.fraction:.0%} of the step carried out ({step.limited}; condition "
+                    f"number {step.condition:.1f}, singularity scale {step.singularity_scale:.2f}, "
+                    f"velocity scale {step.velocity_scale:.2f})")
+                self._limited_logged = now
+            elif step.fraction >= 0.99:
+                self.get_logger().info("servo: steps carried out in full again")
+            else:
+                return
+            self._last_limited = key
 
         def _note(self, reason: str, warn: bool) -> None:
             if reason != self._last_reason:  # log changes, not every message
@@ -138,6 +178,17 @@ def make_node():
                     # matched DDS endpoints (discovery can take seconds): is the command path connected?
                     "twist_publishers": self.twist_sub.get_publisher_count(),
                     "command_subscribers": self.pub.get_subscription_count()}
+            st = s.last_step
+            vals.update({
+                # the last applied step (MoveIt Servo's singularity and limit scaling)
+                "condition_number": "" if st is None else f"{st.condition:.2f}",
+                "singularity_scale": "" if st is None else f"{st.singularity_scale:.3f}",
+                "velocity_scale": "" if st is None else f"{st.velocity_scale:.3f}",
+                "step_fraction": "" if st is None else f"{st.fraction:.3f}",
+                "step_limited_by": "" if st is None else st.limited,
+                "singularity_escape_rad": "" if st is None else f"{st.escape:.3f}",
+                "scaled": s.scaled, "clock_resets": s.clock_resets,
+                "position_margin_rad": self.robot.position_margin})
             vals.update({f"dropped_{k}": v for k, v in s.dropped.items()})
             self.diag_pub.publish(diagnostic_array(
                 self.get_clock().now().to_msg(), "magma_ros: servo", 0 if flowing else 1,

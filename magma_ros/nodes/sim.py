@@ -14,10 +14,15 @@ Accepts, by ``controller`` (exactly what the safety node emits):
   forward  <forward_controller>/commands          std_msgs/Float64MultiArray (arm_joints order)
   isaac    joint_command                          sensor_msgs/JointState (by name; may include the finger)
   always   <gripper_controller>/joint_trajectory  JointTrajectory of the finger joint [m]
-Service ``reset`` (std_srvs/Trigger): arm home, objects back; the clock keeps running forward.
+The arm starts at the robot YAML's ``sim_start`` (default: ``home``; the WidowX starts in SimplerEnv's
+Bridge pose, not at its singular all-zeros home).
+Service ``reset`` (std_srvs/Trigger): arm back to that start pose, objects back; the clock keeps running
+forward.
 
-Trajectories are followed like ros2_control's JTC, with ``time_from_start`` counted from receipt
-(the header stamp is not used, so a publisher on another clock cannot stall the arm).
+Trajectories are followed like ros2_control's JTC: ``time_from_start`` counts from the header stamp
+when it is on this clock (within ``STAMP_WINDOW`` of the sim time; points already past are skipped,
+the path starts from the current setpoint), else from receipt (a zero stamp, or a publisher on
+another clock, which must not stall the arm).
 Malformed commands are logged (throttled) and ignored.
 """
 
@@ -31,11 +36,22 @@ import numpy as np
 
 from magma_ros.core.errors import ConfigError, choose
 from magma_ros.core.robot import load_robot
-from magma_ros.nodes._common import declare_config, diagnostic_array, run_node, to_time_msg
+from magma_ros.nodes._common import declare_config, diagnostic_array, run_node, to_seconds, to_time_msg
 from magma_ros.nodes.camera import CameraPublisher, transform_msg
 
 CONTROLLERS = ("jtc", "forward", "isaac")
 ISAAC_TOPIC = "joint_command"
+STAMP_WINDOW = 0.5  # [s] a JointTrajectory stamp this close to the sim clock times its points (JTC)
+
+
+def stamped_times(times: np.ndarray, stamp: float, now: float) -> np.ndarray:
+    """``time_from_start`` of a JointTrajectory as times after ``now`` [s], as ros2_control's JTC does:
+    counted from the header ``stamp`` when it is on this clock (non-zero, within ``STAMP_WINDOW`` of
+    ``now``), else from receipt. Points at or before ``now`` come out <= 0 (already past)."""
+    times = np.asarray(times, dtype=float)
+    if stamp > 0.0 and abs(stamp - now) <= STAMP_WINDOW:
+        return times + (stamp - now)
+    return times
 
 
 @dataclass(frozen=True)
@@ -115,9 +131,11 @@ def _make_node():
             self.sim = ArmSim(self.robot, camera=self.cfg.camera or None, width=self.cfg.width,
                               height=self.cfg.height, config=sim_cfg)
             r = self.robot
+            self.start_q = r.start  # robot YAML sim_start (the WidowX: not its singular home), else home
+            self.sim.reset(self.start_q)
             self.lock = threading.Lock()
             self.clock_base = 0.0  # sim clock = clock_base + sim.time (monotonic across resets)
-            self.arm = TrajectoryFollower(r.home)
+            self.arm = TrajectoryFollower(self.start_q)
             self.finger = TrajectoryFollower([r.gripper.open])
             self.rejected = 0
             self.warn = _Throttle(self.get_logger().warn)
@@ -180,9 +198,18 @@ def _make_node():
                 mask = np.zeros(self.robot.dof, bool)
                 mask[cols] = True
                 order = np.argsort(cols)  # columns in arm_joints order for the mask
+                stamp = to_seconds(msg.header.stamp)
                 with self.lock:
-                    V = None if V is None else V[:, order]
-                    self.arm.set_trajectory(self.now(), times, P[:, order], V, mask)
+                    t = self.now()
+                    rel = stamped_times(times, stamp, t)
+                    keep = rel > 0.0
+                    P, V = P[:, order], None if V is None else V[:, order]
+                    if keep.any():
+                        self.arm.set_trajectory(t, rel[keep], P[keep], None if V is None else V[keep], mask)
+                    else:  # every point already past: the controller is at the end of it
+                        q, _ = self.arm.sample(t)
+                        q[mask] = P[-1]
+                        self.arm.hold(q, t)
             except ValueError as e:
                 self._reject("jtc", str(e))
 
@@ -234,10 +261,10 @@ def _make_node():
         def _on_reset(self, request, response):
             with self.lock:
                 self.clock_base += self.sim.time
-                self.sim.reset()
-                self.arm.hold(self.robot.home, self.now())
+                self.sim.reset(self.start_q)
+                self.arm.hold(self.start_q, self.now())
                 self.finger.hold([self.robot.gripper.open], self.now())
-            self.get_logger().info("sim: reset (arm home, objects back)")
+            self.get_logger().info("sim: reset (arm at its start pose, objects back)")
             response.success, response.message = True, "reset"
             return response
 

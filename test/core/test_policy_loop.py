@@ -143,6 +143,34 @@ def test_loop_drops_stale_frames_and_reports():
     assert loop.step(0) == "published"
 
 
+def test_clock_jumping_back_resets_the_step_gating_instead_of_stalling():
+    """Isaac Sim reset / looping bag: sim time restarts near 0. Without the reset every new frame
+    would count as 'within the step period' of the last action until the clock caught up."""
+    clock, pol = Clock(100.0), Recording()
+    loop, pub, rep = make_loop(pol, clock)
+    loop.offer(Frame(img(1), stamp=100.0, received=100.0))
+    assert loop.step(0) == "published"
+    leftover = Frame(img(2), stamp=100.1, received=100.1)  # taken from the mailbox after the reset
+    clock.t = 2.0
+    loop.offer(leftover)
+    assert loop.step(0).startswith("image stamped")  # from before the reset: dropped
+    assert [r for r in rep if "clock jumped back" in r] == [rep[0]] and loop.stats.clock_resets == 1
+    loop.offer(Frame(img(3), stamp=2.0, received=2.0))
+    assert loop.step(0) == "published" and pub[-1].stamp == 2.0
+    clock.t = 2.1
+    loop.offer(Frame(img(4), stamp=2.1, received=2.1))
+    assert loop.step(0) == "within step period"  # gating works on the new clock
+    assert loop.stats.clock_resets == 1 and pol.seen == [1, 3]
+
+
+def test_camera_watchdog_is_not_fooled_by_a_clock_reset():
+    clock = Clock(50.0)
+    loop, _, _ = make_loop(Recording(), clock, image_timeout=0.5)
+    loop.offer(Frame(img(), 50.0, 50.0))
+    assert loop.camera_stale(50.1) == ""
+    assert loop.camera_stale(1.0) == "no image received yet"  # the last image was on the old clock
+
+
 def test_camera_watchdog_uses_arrival_time_on_the_node_clock():
     clock = Clock(50.0)
     loop, _, _ = make_loop(Recording(), clock, image_timeout=0.5)

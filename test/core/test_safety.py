@@ -1,4 +1,8 @@
-"""Safety filter core: property tests (hypothesis) and the rules of issue 3, on the real robot YAMLs."""
+"""Safety filter core: property tests (hypothesis) and the rules of issues 3 and 10, on the real robot YAMLs.
+
+Every output stream is checked by the independent :class:`LimitAudit` (built from the robot YAML,
+on the real elapsed time of each step), never restarted at a reset.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from magma_ros.core.errors import ConfigError
+from magma_ros.core.limit_audit import LimitAudit
 from magma_ros.core.robot import NORMALIZED_GRIPPER, load_robot
-from magma_ros.core.safety import LimitChecker, SafetyConfig, SafetyFilter, brake_speed
+from magma_ros.core.safety import SafetyConfig, SafetyFilter, brake_speed
 
 ROBOTS = {name: load_robot(name) for name in ("fr3", "panda", "wx250s")}
 DT = 0.01
@@ -21,6 +26,27 @@ def make(robot="fr3", **kw):
     r = ROBOTS[robot]
     f = SafetyFilter(r, SafetyConfig(robot=robot, **kw))
     return r, f
+
+
+class Oracle:
+    """What the node would publish for each step, fed to an independent LimitAudit."""
+
+    def __init__(self, f, tol=1e-5):
+        c = f.cfg
+        r = f.robot
+        margin = r.position_margin if c.position_margin < 0 else c.position_margin
+        self.f = f
+        self.audit = LimitAudit(r.name if r.name in ROBOTS else r, 1.0 / c.output_rate, position_margin=margin,
+                                velocity_scale=c.velocity_scale, acceleration_scale=c.acceleration_scale,
+                                max_gap=c.max_output_gap, tol=tol)
+
+    def check(self, t, out) -> list:
+        if out is None:
+            return []
+        if self.f.cfg.controller == "jtc":
+            pts = self.f.jtc_points()
+            return self.audit.trajectory(t, [(i + 1) * self.f.dt for i in range(len(pts))], pts)
+        return self.audit.point(t, out.positions)
 
 
 def start(f, q=None, t=0.0):
@@ -117,34 +143,43 @@ def bad_command(f, kind, q):
     return names, pts, times, stamp
 
 
-def run(robot, q0, evs, rng, check=True, bad=True):
-    """Drive a filter with an event list; returns (outputs, filter). Checks limits if asked."""
+TIMINGS = ("nominal", "jitter", "bunched", "late")
+
+
+def tick_period(timing, rng) -> float:
+    """Real elapsed time to the next output step: the scheduler delays and bunches timer ticks."""
+    if timing == "nominal":
+        return DT
+    if timing == "jitter":
+        return DT * rng.uniform(0.5, 1.5)
+    if timing == "bunched":
+        return DT * rng.choice([0.02, 0.3, 1.0, 1.7])
+    return DT * rng.choice([1.0, 1.0, 2.5, 4.0, 12.0])  # late: up to 120 ms (beyond max_output_gap)
+
+
+def run(robot, q0, evs, rng, check=True, bad=True, controller="jtc", timing="nominal"):
+    """Drive a filter with an event list; returns (outputs, filter). Checks limits if asked, on the
+    real elapsed time of every step; the oracle is never restarted (not at start-up, not at a reset)."""
     r = ROBOTS[robot]
-    f = SafetyFilter(r, SafetyConfig(robot=robot))
-    chk = LimitChecker(f)
+    f = SafetyFilter(r, SafetyConfig(robot=robot, controller=controller))
+    chk = Oracle(f)
     t = 0.0
     outs = []
     measured = q0.copy()
     fresh = True
-
-    def emit(o, restart=False):
-        if o is None:
-            return
-        if restart or chk.q is None:
-            chk.restart(o.positions)
-        if check:
-            bad_ = chk.check(o.positions)
-            assert not bad_, bad_
-        outs.append(o.positions)
+    trng = np.random.default_rng(int(rng.integers(2**32)))  # timing: its own stream (same for both runs)
 
     def tick():
         nonlocal t
         if fresh:
             f.on_joint_state(r.arm_joints, measured, t)
-        was = f.initialized
         o = f.step(t)
-        emit(o, restart=not was and f.initialized)
-        t += DT
+        if o is not None:
+            if check:
+                bad_ = chk.check(t, o)
+                assert not bad_, bad_
+            outs.append(o.positions)
+        t += tick_period(timing, trng)
 
     for ev in evs:
         kind = ev[0]
@@ -152,7 +187,7 @@ def run(robot, q0, evs, rng, check=True, bad=True):
             fresh = kind == "steps"
             for _ in range(ev[1]):
                 if fresh and f.initialized:
-                    measured = f.q + rng.normal(0, 0.002, r.dof)  # tracking error / sag
+                    measured = f.q + rng.normal(0, 0.0005, r.dof)  # tracking error / sag
                 tick()
             fresh = True
         elif kind in ("cmd", "teleop"):
@@ -173,34 +208,35 @@ def run(robot, q0, evs, rng, check=True, bad=True):
         elif kind == "estop":
             f.estop(t)
         elif kind == "reset":
-            was_estopped = f.estopped
-            ok, _ = f.reset(t)
-            if ok and was_estopped and f.initialized:
-                chk.restart(f.q)  # motion restarts at rest from the measured position
+            f.reset(t)  # refused while braking; the oracle goes on either way
         elif kind == "resume":
             f.resume_policy(t)
         elif kind == "badstate":
             f.on_joint_state(r.arm_joints, np.full(r.dof, math.nan), t)
+    if check and f.cfg.controller == "jtc":
+        bad_ = chk.audit.finish()  # the tail the controller runs after the last message
+        assert not bad_, bad_
     return outs, f
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(events(), st.integers(0, 2**32 - 1))
-def test_every_output_within_limits(case, seed):
-    """Arbitrary command streams, including every bad input: position (minus margin), velocity
-    (FR3: position dependent), acceleration and jerk limits hold for every output over its dt."""
+@given(events(), st.integers(0, 2**32 - 1), st.sampled_from(["jtc", "isaac"]), st.sampled_from(TIMINGS))
+def test_every_output_within_limits(case, seed, controller, timing):
+    """Arbitrary command streams, including every bad input, e-stops and resets, with timer ticks on
+    time, jittered, bunched or late: position (minus margin), velocity (FR3: position dependent)
+    and acceleration limits hold on real elapsed time for the path the controller executes."""
     robot, q0, evs = case
-    outs, f = run(robot, q0, evs, np.random.default_rng(seed))
+    outs, f = run(robot, q0, evs, np.random.default_rng(seed), controller=controller, timing=timing)
     assert f.infeasible_steps == 0
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(events(), st.integers(0, 2**32 - 1))
-def test_bad_messages_change_nothing(case, seed):
+@given(events(), st.integers(0, 2**32 - 1), st.sampled_from(TIMINGS))
+def test_bad_messages_change_nothing(case, seed, timing):
     """The same stream with and without interleaved bad messages produces identical outputs."""
     robot, q0, evs = case
-    a, _ = run(robot, q0, evs, np.random.default_rng(seed), check=False, bad=True)
-    b, _ = run(robot, q0, evs, np.random.default_rng(seed), check=False, bad=False)
+    a, _ = run(robot, q0, evs, np.random.default_rng(seed), check=False, bad=True, timing=timing)
+    b, _ = run(robot, q0, evs, np.random.default_rng(seed), check=False, bad=False, timing=timing)
     assert len(a) == len(b)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
@@ -250,9 +286,8 @@ def smooth_reference(draw):
 
 
 def _reference_within(f, samples) -> bool:
-    chk = LimitChecker(f, tol=-0.02)  # the reference must be 2 % inside every limit
-    chk.restart(samples[0])
-    return all(not chk.check(q) for q in samples[1:])
+    audit = LimitAudit(f.robot, DT, position_margin=f.robot.position_margin, tol=-0.02)  # 2 % inside every limit
+    return all(not audit.point(k * DT, q) for k, q in enumerate(samples))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -317,11 +352,10 @@ def test_joint_state_order_and_extra_joints():
 @pytest.mark.parametrize("robot", sorted(ROBOTS))
 def test_too_fast_command_is_scaled_along_its_direction(robot):
     r, f = make(robot)
-    start(f)
+    chk = Oracle(f)
+    chk.check(0.0, start(f))
     d = np.linspace(0.4, -0.2, r.dof)  # a 0.4 rad move asked for in 20 ms
     tgt = r.home + d
-    chk = LimitChecker(f)
-    chk.restart(r.home)
     f.on_command("policy", r.arm_joints, [tgt], [0.02], 0.0, 0.0)
     outs = []
     for k in range(1, 400):
@@ -329,7 +363,7 @@ def test_too_fast_command_is_scaled_along_its_direction(robot):
         f.on_joint_state(r.arm_joints, f.q, t)
         f.on_command("policy", r.arm_joints, [tgt], [0.02], 0.0, t) if k % 20 == 0 else None
         o = f.step(t)
-        assert not chk.check(o.positions)
+        assert not chk.check(t, o)
         outs.append(o.positions)
     outs = np.array(outs)
     np.testing.assert_allclose(outs[-1], tgt, atol=1e-9)  # arrives, no overshoot left
@@ -340,10 +374,9 @@ def test_too_fast_command_is_scaled_along_its_direction(robot):
 
 def test_position_limits_minus_margin():
     r, f = make("panda", position_margin=0.1, max_step=0.0)
-    start(f)
+    chk = Oracle(f)
+    chk.check(0.0, start(f))
     tgt = r.position_max + 0.3  # beyond every upper limit
-    chk = LimitChecker(f)
-    chk.restart(r.home)
     v = f.on_command("policy", r.arm_joints, [tgt], [0.3], 0.0, 0.0)
     assert v.accepted and "clamped" in v.reason
     for k in range(1, 600):
@@ -352,7 +385,7 @@ def test_position_limits_minus_margin():
         if k % 25 == 0:
             f.on_command("policy", r.arm_joints, [tgt], [0.3], 0.0, t)
         o = f.step(t)
-        assert not chk.check(o.positions)
+        assert not chk.check(t, o)
     np.testing.assert_allclose(f.q, r.position_max - 0.1, atol=1e-9)
 
 
@@ -360,21 +393,20 @@ def test_start_outside_the_band_only_moves_back():
     r, f = make("wx250s", position_margin=0.1, max_step=0.0)
     q0 = r.home.copy()
     q0[1] = r.position_max[1] - 0.02  # inside the hard limit, outside the margin band
-    start(f, q0)
-    chk = LimitChecker(f)
-    chk.restart(q0)
+    chk = Oracle(f)
+    chk.check(0.0, start(f, q0))
     up = q0.copy()
     up[1] += 0.01
     f.on_command("policy", r.arm_joints, [up], [0.2], 0.0, 0.0)
     for k in range(1, 30):
         f.on_joint_state(r.arm_joints, f.q, k * DT)
-        assert not chk.check(f.step(k * DT).positions)
+        assert not chk.check(k * DT, f.step(k * DT))
     assert f.q[1] <= q0[1] + 1e-12
     for k in range(30, 400):
         if k % 30 == 0:
             f.on_command("policy", r.arm_joints, [r.home], [0.3], 0.0, k * DT)
         f.on_joint_state(r.arm_joints, f.q, k * DT)
-        assert not chk.check(f.step(k * DT).positions)
+        assert not chk.check(k * DT, f.step(k * DT))
     np.testing.assert_allclose(f.q, r.home, atol=1e-9)
 
 
@@ -416,26 +448,36 @@ def test_stamps_zero_is_now_small_future_ok():
     assert not f.on_command("robot", r.arm_joints, [r.home], [0.1], 0.0, 10.0).accepted
 
 
-def moving_filter(robot="fr3", speed=0.6):
-    """A filter following a steady motion; returns (robot, filter, t)."""
-    r, f = make(robot)
-    start(f)
-    tgt = r.home + np.where(np.arange(r.dof) % 2 == 0, 1.0, -1.0) * 0.3
+def moving_filter(robot="fr3", speed=0.6, controller="jtc"):
+    """A filter following a steady motion, with its oracle fed from the start; (robot, filter, t, oracle)."""
+    r, f = make(robot, controller=controller)
+    chk = Oracle(f)
+    chk.check(0.0, start(f))
+    tgt = r.home + np.where(np.arange(r.dof) % 2 == 0, 1.0, -1.0) * 0.5 * speed  # 0.5 s away
     t = 0.0
     for k in range(1, 40):
         t = k * DT
         f.on_joint_state(r.arm_joints, f.q, t)
         if k % 10 == 1:
-            f.on_command("policy", r.arm_joints, [tgt], [0.3 / speed], 0.0, t)
-        f.step(t)
+            f.on_command("policy", r.arm_joints, [tgt], [0.5], 0.0, t)
+        assert not chk.check(t, f.step(t))
     assert np.max(np.abs(f.v)) > 0.3
-    return r, f, t
+    return r, f, t, chk
+
+
+def brake_to_standstill(r, f, t, chk, measured=None):
+    """Step until the output stands still (oracle-checked); returns t."""
+    for _ in range(300):
+        t += DT
+        f.on_joint_state(r.arm_joints, f.q if measured is None else measured, t)
+        assert not chk.check(t, f.step(t))
+        if not np.any(f.v):
+            return t
+    raise AssertionError("no standstill")
 
 
 def test_estop_latches_at_once_and_stops_within_acceleration_limits():
-    r, f, t = moving_filter()
-    chk = LimitChecker(f)
-    chk.q, chk.v, chk.a = f.q.copy(), f.v.copy(), f.a.copy()
+    r, f, t, chk = moving_filter()
     f.estop(t)
     assert f.status().state == "stopping"
     v0 = f.v.copy()
@@ -448,11 +490,13 @@ def test_estop_latches_at_once_and_stops_within_acceleration_limits():
         assert not f.on_command("teleop", r.arm_joints, [r.home], [0.1], 0.0, t).accepted
         assert not f.on_command("policy", r.arm_joints, [f.q + 0.2], [0.1], 0.0, t).accepted
         o = f.step(t)
-        assert not chk.check(o.positions)
+        assert not chk.check(t, o)
         speeds.append(np.abs(o.velocities))
         if k == 1:  # the first step after the e-stop already decelerates, along the direction of motion
             assert np.all(np.abs(o.velocities) < np.abs(v0) + 1e-12)
             np.testing.assert_allclose(o.velocities / np.linalg.norm(o.velocities), v0 / np.linalg.norm(v0))
+            assert len(f.jtc_points()) < 2 or not np.allclose(f.jtc_points()[1] - f.jtc_points()[0],
+                                                                o.velocities * DT)  # no cruise while stopping
         if np.all(speeds[-1] == 0):
             break
         assert k < 100
@@ -462,155 +506,213 @@ def test_estop_latches_at_once_and_stops_within_acceleration_limits():
     latched = f.q.copy()
     for _ in range(20):
         t += DT
-        f.on_joint_state(r.arm_joints, latched - 0.05, t)  # sagging measurement
+        f.on_joint_state(r.arm_joints, latched - 0.05, t)  # sagging measurement (inside the tolerance)
         np.testing.assert_array_equal(f.step(t).positions, latched)
     assert not f.resume_policy(t)[0]
 
 
-def test_reset_needs_fresh_states_and_restarts_from_measured():
-    r, f, t = moving_filter()
+@pytest.mark.parametrize("controller", ["jtc", "isaac"])
+def test_reset_refused_while_braking_then_no_jump_and_no_motion_until_resume(controller):
+    """Issue 10, items 2 and 3: a reset while the stop still brakes is refused with the reason and
+    the stop goes on; at standstill it is accepted without re-anchoring (no jump), and the policy
+    that kept streaming does not move the arm until resume_policy. The oracle is never restarted."""
+    r, f, t, chk = moving_filter(speed=1.5, controller=controller)
     f.estop(t)
-    for _ in range(30):
-        t += DT
-        f.on_joint_state(r.arm_joints, f.q, t)
-        f.step(t)
+    t += DT
+    f.on_joint_state(r.arm_joints, f.q, t)
+    ok, msg = f.reset(t)  # the next tick after the e-stop, still at speed
+    assert not ok and "still braking" in msg, msg
+    assert f.estopped and f.status().state == "stopping"
+    t = brake_to_standstill(r, f, t, chk)
+    assert f.status().state == "estopped"
+    # the measured arm is still moving (it lags the stop): refused as well
+    f.on_joint_state(r.arm_joints, f.q + 0.02, t + DT)
+    ok, msg = f.reset(t + DT)
+    assert not ok and "still moving" in msg, msg
     latched = f.q.copy()
-    ok, msg = f.reset(t + 1.0)  # last joint state 1 s old
+    sag = latched - 0.01  # standing still, 10 mrad below the latched output (within the tolerance)
+    for _ in range(25):
+        t += DT
+        f.on_joint_state(r.arm_joints, sag, t)
+        assert not chk.check(t, f.step(t))
+    ok, msg = f.reset(t + 1.0)  # the last joint state 1 s old
     assert not ok and "fresh" in msg and f.estopped
-    measured = latched + 0.01
-    t += DT
-    f.on_joint_state(r.arm_joints, measured, t)
-    assert f.reset(t)[0]
-    assert f.status().state.startswith("holding:")
-    out = f.step(t)
-    np.testing.assert_array_equal(out.positions, measured)  # no jump away from where the arm is
-    np.testing.assert_array_equal(out.velocities, 0)
-    assert f.on_command("policy", r.arm_joints, [measured + 0.05], [0.5], 0.0, t).accepted
-    f.step(t + DT)
-    assert f.source == "policy"
-
-
-def test_command_timeout_holds_and_latches_the_target():
-    r, f, t = moving_filter()
-    last_cmd = 31 * DT
-    chk = LimitChecker(f)
-    chk.q, chk.v, chk.a = f.q.copy(), f.v.copy(), f.a.copy()
-    while t + DT < last_cmd + 0.5 - 1e-6:
-        t += DT
-        f.on_joint_state(r.arm_joints, f.q, t)
-        assert not chk.check(f.step(t).positions)
-    assert f.status().state == "ok"
-    t += 2 * DT
-    f.on_joint_state(r.arm_joints, f.q, t)
-    assert not chk.check(f.step(t).positions)
-    assert f.status().state == "holding:command timeout" and f.source == "hold"
-    for _ in range(60):  # decelerates, then holds still although the measurement sags
-        t += DT
-        f.on_joint_state(r.arm_joints, f.q - 0.03, t)
-        assert not chk.check(f.step(t).positions)
-    held = f.q.copy()
-    for _ in range(10):
-        t += DT
-        f.on_joint_state(r.arm_joints, held - 0.05, t)
-        np.testing.assert_array_equal(f.step(t).positions, held)
-    # a fresh policy command resumes (the policy was never demoted)
-    assert f.on_command("policy", r.arm_joints, [held + 0.01], [0.5], 0.0, t).accepted
-
-
-def test_stale_joint_states_hold_without_extrapolation():
-    r, f, t = moving_filter()
-    t_state = t
-    outs = []
-    for _ in range(80):
-        t += DT
-        if int(round(t / DT)) % 10 == 0:
-            f.on_command("policy", r.arm_joints, [f.q + 0.1], [0.3], 0.0, t)
-        outs.append(f.step(t).positions)
-    assert t - t_state > 0.2
-    assert f.status().state == "holding:stale joint states"
-    np.testing.assert_array_equal(outs[-1], outs[-2])  # standing still
-    f.on_joint_state(r.arm_joints, f.q, t)
-    assert f.on_command("policy", r.arm_joints, [f.q + 0.01], [0.3], 0.0, t).accepted
-    f.step(t + DT)
-    assert f.status().state == "ok"
-
-
-def test_teleop_priority_and_explicit_hand_back():
-    r, f, t = moving_filter()
-    assert f.source == "policy"
-    tele = f.q - 0.05
-    t += DT
-    assert f.on_command("teleop", r.arm_joints, [tele], [0.5], 0.0, t).accepted
-    v_before = f.v.copy()
-    f.on_joint_state(r.arm_joints, f.q, t)
-    o = f.step(t)
-    assert f.source == "teleop"
-    assert np.all(np.abs(o.velocities - v_before) <= f.a_max * DT + 1e-12)  # rate-limited hand-over
-    v = f.on_command("policy", r.arm_joints, [f.q + 0.1], [0.5], 0.0, t)
-    assert not v.accepted and "teleop" in v.reason
-    assert not f.resume_policy(t)[0]  # teleop still fresh
-    # teleop goes silent -> hold, and the policy does not come back by itself
-    for _ in range(60):
-        t += DT
-        f.on_joint_state(r.arm_joints, f.q, t)
-        f.on_command("policy", r.arm_joints, [f.q + 0.1], [0.5], 0.0, t)
-        f.step(t)
-    assert f.status().state == "holding:teleop timeout" and f.source == "hold"
-    ok, msg = f.resume_policy(t)
+    ok, msg = f.reset(t)
     assert ok, msg
-    assert f.on_command("policy", r.arm_joints, [f.q + 0.1], [0.5], 0.0, t).accepted
-    f.step(t + DT)
-    assert f.source == "policy"
-    # fresh teleop wins at once again
-    assert f.on_command("teleop", r.arm_joints, [f.q], [0.5], 0.0, t + DT).accepted
-    f.on_joint_state(r.arm_joints, f.q, t + 2 * DT)
-    f.step(t + 2 * DT)
+    assert f.status().state == "holding:reset, waiting for resume"
+    # the policy keeps streaming: nothing moves, every command is refused with the reason
+    for _ in range(50):
+        t += DT
+        f.on_joint_state(r.arm_joints, sag, t)
+        v = f.on_command("policy", r.arm_joints, [latched + 0.2], [0.3], 0.0, t)
+        assert not v.accepted and "resume_policy" in v.reason
+        o = f.step(t)
+        assert not chk.check(t, o)
+        np.testing.assert_array_equal(o.positions, latched)  # no re-anchoring on the measured position
+    assert f.resume_policy(t)[0]
+    assert f.status().state == "holding:waiting for command"
+    assert f.on_command("policy", r.arm_joints, [latched + 0.2], [0.3], 0.0, t).accepted
+    for _ in range(40):
+        t += DT
+        f.on_joint_state(r.arm_joints, f.q, t)
+        assert not chk.check(t, f.step(t))
+    assert f.source == "policy" and np.max(np.abs(f.q - latched)) > 0.05
+
+
+def test_after_a_reset_only_a_new_teleop_session_starts_motion():
+    """A teleop stream held through the e-stop and reset does not restart motion; a new teleop
+    session (the deadman released, then pressed again) does: a deliberate start."""
+    r, f, t, chk = moving_filter()
+    f.estop(t)
+    for _ in range(10):  # teleop streams all along (deadman held)
+        t = brake_to_standstill(r, f, t, chk) if np.any(f.v) else t + DT
+        f.on_command("teleop", r.arm_joints, [f.q], [0.2], 0.0, t)
+    for _ in range(15):
+        t += DT
+        f.on_joint_state(r.arm_joints, f.q, t)
+        f.on_command("teleop", r.arm_joints, [f.q + 0.1], [0.2], 0.0, t)
+        assert not chk.check(t, f.step(t))
+    assert f.reset(t)[0]
+    v = f.on_command("teleop", r.arm_joints, [f.q + 0.1], [0.2], 0.0, t + DT)
+    assert not v.accepted and "deadman" in v.reason
+    t += 0.6  # deadman released: teleop silent for longer than command_timeout
+    f.on_joint_state(r.arm_joints, f.q, t)
+    assert f.on_command("teleop", r.arm_joints, [f.q + 0.1], [0.3], 0.0, t).accepted
+    assert not chk.check(t, f.step(t))
     assert f.source == "teleop"
 
 
-def test_gripper_normalized_and_metres_range_and_rate():
-    r, f = make("fr3")
-    g = r.gripper
-    f.on_joint_state(list(r.arm_joints) + [g.joint], list(r.home) + [g.open], 0.0)
-    f.step(0.0)
-    names = list(r.arm_joints) + [NORMALIZED_GRIPPER]
-    assert f.on_command("policy", names, [np.append(r.home, 0.0)], [0.2], 0.0, 0.0).accepted
-    gs = []
-    for k in range(1, 80):
-        f.on_joint_state(r.arm_joints, r.home, k * DT)
-        f.on_command("policy", names, [np.append(r.home, 0.0)], [0.2], 0.0, k * DT) if k % 20 == 0 else 0
-        gs.append(f.step(k * DT).gripper)
-    steps = np.abs(np.diff([g.open] + gs))
-    assert np.max(steps) <= g.velocity_max * DT + 1e-12  # rate limited
-    assert gs[-1] == pytest.approx(g.closed)
-    names = list(r.arm_joints) + [g.joint]
-    f.on_command("policy", names, [np.append(r.home, 0.5)], [0.2], 0.0, 0.8)  # metres, beyond open
-    for k in range(80, 200):
-        f.on_joint_state(r.arm_joints, r.home, k * DT)
-        if k % 20 == 0:
-            f.on_command("policy", names, [np.append(r.home, 0.5)], [0.2], 0.0, k * DT)
-        gs.append(f.step(k * DT).gripper)
-    assert max(gs) == pytest.approx(g.open)  # clipped to the range
+@pytest.mark.parametrize("controller", ["jtc", "isaac"])
+def test_following_error_push_holds_at_measured_without_jump(controller):
+    """Issue 10, item 4: a push moves the measured arm away from its command: the filter holds at
+    the measured position (reached within the limits, never commanding the old pose again),
+    reports the joint and the error, and needs resume_policy."""
+    r, f, t, chk = moving_filter(controller=controller)
+    before = f.q.copy()
+    pushed = f.q.copy()
+    pushed[1] += 0.3  # 0.3 rad on joint 2 (tolerance 0.1)
+    t += DT
+    f.on_joint_state(r.arm_joints, pushed, t, t)
+    st = f.status()
+    assert st.state == "holding:following error" and r.arm_joints[1] in st.message, st
+    assert "rad from its command" in st.message and st.level == 2
+    outs = []
+    for _ in range(120):
+        v = f.on_command("policy", r.arm_joints, [before], [0.3], 0.0, t)
+        assert not v.accepted and "resume_policy" in v.reason
+        o = f.step(t)
+        assert not chk.check(t, o)
+        outs.append(o.positions.copy())
+        t += DT
+        f.on_joint_state(r.arm_joints, pushed, t, t)
+    outs = np.array(outs)
+    np.testing.assert_allclose(outs[-1], pushed, atol=1e-9)  # holds where the arm is
+    d = np.abs(outs - pushed).max(axis=1)
+    assert np.all(np.diff(d[np.argmax(d):]) <= 1e-9)  # once braked, only ever closer to the arm
+    assert f.status().state == "holding:following error"
+    assert f.resume_policy(t)[0]
+    assert f.on_command("policy", r.arm_joints, [pushed + 0.05], [0.3], 0.0, t).accepted
 
 
-def test_mimic_finger_is_accepted_and_ignored():
-    r, f = make("wx250s")
-    start(f)
-    names = list(r.arm_joints) + [r.gripper.joint] + list(r.gripper.mimic_joints)
-    v = f.on_command("policy", names, [np.append(r.home, [0.02, -0.02])], [0.2], 0.0, 0.0)
-    assert v.accepted
+def test_transport_delay_is_not_a_following_error():
+    """A joint state compared at its own stamp: an arm that tracks perfectly but whose states arrive
+    250 ms late (while moving fast) is no following error; compared at arrival it would be."""
+    r, f = make("fr3", state_timeout=0.5)
+    chk = Oracle(f)
+    chk.check(0.0, start(f))
+    tgt = r.home + 0.8
+    hist = []
+    t, vmax = 0.0, 0.0
+    for k in range(1, 120):
+        t = k * DT
+        if k % 10 == 1:
+            f.on_command("policy", r.arm_joints, [tgt], [0.5], 0.0, t)
+        o = f.step(t)
+        assert not chk.check(t, o)
+        vmax = max(vmax, float(np.max(np.abs(o.velocities))))
+        hist.append((t + DT, o.positions.copy()))
+        late = [h for h in hist if h[0] <= t - 0.25]
+        if late:  # the state of 250 ms ago, stamped then
+            f.on_joint_state(r.arm_joints, late[-1][1], t, late[-1][0])
+        assert f.status().state in ("ok", "holding:waiting for command"), f.status()
+    assert vmax > 1.0  # moving fast: 250 ms of transport is > 0.25 rad
+    f2 = SafetyFilter(r, SafetyConfig(robot="fr3", following_error_stamps=False, state_timeout=0.5))
+    start(f2)
+    for k in range(1, 120):
+        t = k * DT
+        if k % 10 == 1:
+            f2.on_command("policy", r.arm_joints, [tgt], [0.5], 0.0, t)
+        f2.step(t)
+        late = [h for h in hist if h[0] <= t - 0.25]
+        if late:
+            f2.on_joint_state(r.arm_joints, late[-1][1], t, late[-1][0])
+    assert f2.status().state == "holding:following error"
+
+
+@pytest.mark.parametrize("controller", ["jtc", "forward"])
+def test_bunched_and_late_ticks_hold_the_limits_in_real_time(controller):
+    """Issue 10, item 5: two ticks 0.2 ms apart give a 0.2 ms step, not two full steps; a late tick
+    continues what the controller did meanwhile (jtc: the tail; forward: hold -> restart at rest)."""
+    r, f, t, chk = moving_filter(speed=1.5, controller=controller)
+    v = np.max(np.abs(f.v))
+    q = f.q.copy()
+    t += 0.0002
+    f.on_joint_state(r.arm_joints, f.q, t)
+    assert not chk.check(t, f.step(t))
+    assert np.max(np.abs(f.q - q)) <= (v + f.a_max[0] * DT) * (DT + 0.0002) + 1e-9
+    for late in (0.025, 0.08):
+        t += late
+        f.on_joint_state(r.arm_joints, f.q, t)
+        f.on_command("policy", r.arm_joints, [r.home - 0.3], [0.5], 0.0, t)
+        assert not chk.check(t, f.step(t))
+        for _ in range(5):
+            t += DT
+            f.on_joint_state(r.arm_joints, f.q, t)
+            assert not chk.check(t, f.step(t))
+    assert (f.interruptions > 0) == (controller == "forward")
+
+
+def test_late_jtc_message_meets_the_controller_on_its_tail_no_reversal():
+    """The simulator's JTC follower, fed the node's messages on the node's clock: with ticks late by
+    up to 2.5 periods (and early ones) the follower never reverses along a forward motion: each
+    late message continues from where the follower is on the previous tail."""
+    from magma_ros.sim.follower import TrajectoryFollower
+
+    r, f = make("fr3", max_step=0.0)
+    chk = Oracle(f)
+    chk.check(0.0, start(f))
+    sign = np.where(np.arange(r.dof) % 2 == 0, 1.0, -1.0)
+    far = r.home + sign * 0.6
+    fol = TrajectoryFollower(r.home)
+    rng = np.random.default_rng(1)
+    t, vmax, k = 0.0, 0.0, 0
+    while t < 1.4:
+        t += DT * rng.choice([1.0, 1.0, 0.3, 1.5, 2.5])
+        f.on_joint_state(r.arm_joints, f.q, t)
+        if k % 10 == 0:  # "be at far at t = 2 s", re-sent from wherever the arm is
+            f.on_command("policy", r.arm_joints, [far], [2.0 - t], 0.0, t)
+        k += 1
+        assert not chk.check(t, f.step(t))
+        pts = f.jtc_points()
+        fol.set_trajectory(t, [(i + 1) * DT for i in range(len(pts))], pts)  # the JTC on the node's clock
+        for s_ in np.linspace(t, t + DT, 5):
+            _, vel = fol.sample(s_)
+            assert np.all(vel * sign >= -1e-9), vel  # no reversal along the motion
+            vmax = max(vmax, float(np.max(np.abs(vel))))
+    assert vmax > 0.25
 
 
 def test_braking_tail_ends_at_rest_within_limits():
-    r, f, t = moving_filter("panda")
+    r, f, t, chk = moving_filter("panda")
     tail = f.braking_tail()
     assert len(tail) >= 2
-    chk = LimitChecker(f)
-    chk.q, chk.v, chk.a = f.q.copy(), f.v.copy(), f.a.copy()
-    for q in tail:
-        assert not chk.check(q)
-    np.testing.assert_allclose(chk.v, 0, atol=1e-12)
-    np.testing.assert_allclose(tail, f._braking_tail_exact(200), atol=1e-12)  # the filter's own stop
+    np.testing.assert_allclose(tail[0] - f.q, f.v * DT, atol=1e-12)  # one period at the same velocity first
+    audit = LimitAudit("panda", DT, position_margin=r.position_margin)
+    audit.start_at(t, f.q, f.v)  # at the output, at speed
+    audit.trajectory(t, [(i + 1) * DT for i in range(len(tail))], tail)
+    assert not audit.finish()
+    assert audit.pieces > len(tail)
+    np.testing.assert_allclose(tail, f._braking_tail_exact(f.q, f.v, f.a, 200, cruise=1), atol=1e-12)
     q, v = f.q.copy(), f.v.copy()
     f.braking_tail()
     np.testing.assert_array_equal(q, f.q)  # the tail does not change the filter
@@ -619,21 +721,21 @@ def test_braking_tail_ends_at_rest_within_limits():
 
 def test_braking_tail_near_a_limit_stays_inside():
     r, f = make("wx250s", max_step=0.0)
-    start(f)
+    chk = Oracle(f)
+    chk.check(0.0, start(f))
     tgt = r.home.copy()
     tgt[0] = r.position_max[0]  # run joint 1 into its limit band edge at full speed
     tgt[2] = r.home[2] + 0.2
-    chk = LimitChecker(f)
-    chk.restart(r.home)
     for k in range(1, 400):
         f.on_joint_state(r.arm_joints, f.q, k * DT)
         if k % 20 == 1:
             f.on_command("policy", r.arm_joints, [tgt], [0.05], 0.0, k * DT)
-        assert not chk.check(f.step(k * DT).positions)
-        tail_chk = LimitChecker(f)
-        tail_chk.q, tail_chk.v, tail_chk.a = f.q.copy(), f.v.copy(), f.a.copy()
-        for q in f.braking_tail():
-            assert not tail_chk.check(q)
+        assert not chk.check(k * DT, f.step(k * DT))
+        tail = LimitAudit("wx250s", DT, position_margin=r.position_margin)
+        q0, v0, _, _ = f._path.state(k * DT)
+        tail.start_at(k * DT, q0, v0)
+        tail.trajectory(k * DT, [(i + 1) * DT for i in range(len(f.jtc_points()))], f.jtc_points())
+        assert not tail.finish()  # the tail alone (if no message followed) stays inside the band
     np.testing.assert_allclose(f.q[0], f.q_hi[0], atol=1e-9)
 
 
@@ -685,9 +787,8 @@ def test_fr3_position_dependent_velocity_near_a_limit():
     r, f = make("fr3", position_margin=0.0)
     q0 = r.home.copy()
     q0[4] = 1.0
-    start(f, q0)
-    chk = LimitChecker(f)
-    chk.restart(q0)
+    chk = Oracle(f)
+    chk.check(0.0, start(f, q0))
     tgt = q0.copy()
     tgt[4] = 5.0
     for k in range(0, 300):
@@ -695,13 +796,13 @@ def test_fr3_position_dependent_velocity_near_a_limit():
         f.on_joint_state(r.arm_joints, f.q, t)
         if k % 20 == 0:
             f.on_command("policy", r.arm_joints, [tgt], [0.3], 0.0, t)
-        assert not chk.check(f.step(t).positions)
+        assert not chk.check(t, f.step(t))
     assert f.q[4] == pytest.approx(r.position_max[4], abs=1e-4)  # the bound reaches 0 at the limit
     assert f.infeasible_steps == 0
 
 
 def test_clock_jumping_back_invalidates_states_and_commands():
-    r, f, t = moving_filter()
+    r, f, t, chk = moving_filter()
     f.step(t)
     t_back = t - 0.3  # simulation reset
     out = f.step(t_back)

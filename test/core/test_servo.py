@@ -13,8 +13,9 @@ from magma_ros.core.kinematics import Kinematics, pose_error, rotvec_to_matrix
 from magma_ros.core.robot import load_robot
 from magma_ros.core.servo import Servo, ServoConfig, apply_delta
 
-# A comfortable working pose per robot (home for the Frankas; the WidowX home is a wrist singularity).
-WORK_Q = {"fr3": None, "panda": None, "wx250s": np.array([0.0, -0.5, 0.5, 0.0, 0.6, 0.0])}
+# A comfortable working pose per robot: home for the Frankas; the WidowX in its sim start (SimplerEnv's Bridge
+# pose, condition number 12; its home is a wrist singularity).
+WORK_Q = {"fr3": None, "panda": None, "wx250s": np.array([0.0, 0.04, 0.22, 0.0, 1.37, 0.0])}
 T = 0.2
 
 
@@ -156,21 +157,28 @@ def test_no_or_stale_joint_states_hold():
     state(servo, rb, rb.home, 1.0)
     res = servo.on_twist(2.0, [0.01, 0, 0], [0, 0, 0], now=2.0)
     assert res.command is None and res.reason.startswith("joint states stale")
+    assert servo.stats.dropped == {"no joint states yet": 1, "joint states stale": 1}  # kinds, not figures
     assert not servo.update_state(["fr3_joint1"], [0.0], 2.0)  # missing arm joints refused
 
 
-def test_ik_failure_holds_and_does_not_advance_the_target():
+def test_beyond_reach_the_feasible_part_is_carried_out_and_the_target_is_the_reached_pose():
+    """Scale, don't reject: a step past the workspace edge moves the arm as far as it goes; the target
+    is where it got to, so the next step starts there (the unreachable rest is not kept)."""
     rb = load_robot("wx250s")
     kin = Kinematics(rb)
     servo = Servo(rb, kin, ServoConfig(robot=rb.name, step_period=T, max_delta_pos=2.0))
     q0 = start_q(rb)
     state(servo, rb, q0, 0.0)
-    q1 = arm(servo.on_twist(0.01, [0.05, 0, 0], [0, 0, 0], now=0.01).command, rb)
-    res = servo.on_twist(0.2, [4.0, 0, 0], [0, 0, 0], now=0.2)  # 0.8 m further out: beyond reach
-    assert res.command is None and res.reason.startswith("ik failed")
+    res = servo.on_twist(0.01, [4.0, 0, 0], [0, 0, 0], now=0.01)  # 0.8 m further out: beyond reach
+    assert res.reason == "applied" and res.command is not None
+    q1 = arm(res.command, rb)
+    p0, p1 = kin.fk(q0)[:3, 3], kin.fk(q1)[:3, 3]
+    assert p1[0] - p0[0] > 0.02  # it moved outwards, a lot less than 0.8 m
+    assert 0.0 < res.step.fraction < 0.5 and res.step.limited
     assert np.allclose(servo.target_q, q1)
-    q2 = arm(servo.on_twist(0.4, [0, 0, 0.05], [0, 0, 0], now=0.4).command, rb)
-    check_delta(kin, q1, q2, [0, 0, 0.01], np.zeros(3))
+    state(servo, rb, q1, 0.2)
+    q2 = arm(servo.on_twist(0.2, [0, 0, -0.05], [0, 0, 0], now=0.2).command, rb)
+    check_delta(kin, q1, q2, [0, 0, -0.01], np.zeros(3), tol_p=1e-3, tol_r=1e-2)
 
 
 def test_late_twist_is_counted_and_the_arm_held_in_between():
@@ -238,3 +246,171 @@ def test_keepalive_resends_the_same_target_only_while_settling():
     for c in got:
         assert np.allclose(c.positions[-1], cmd.positions[-1]) and c.times == (pytest.approx(0.2),)
     assert all(r.command is None for r in sent[-5:])
+
+
+# ----------------------------------------------------------------------------- velocity-level stepping
+def condition_number(kin, q) -> float:
+    s = np.linalg.svd(kin.jacobian(q), compute_uv=False)
+    return float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
+
+
+def moveit_scale(kappa: float, into: bool, lower=17.0, hard=30.0, mult=2.0, floor=0.25) -> float:
+    """MoveIt Servo's velocityScalingFactorForSingularity (common.cpp), written out independently;
+    ``floor`` is this project's: motion that does not head into the singularity is never stopped."""
+    if kappa <= lower:
+        return 1.0
+    if into:
+        return max(0.0, 1.0 - (kappa - lower) / (hard - lower))
+    return max(floor, 1.0 - (kappa - lower) / (lower + (hard - lower) * mult - lower))
+
+
+@pytest.mark.parametrize("twist", [((0, 0, 0), (0, 0, 0.2)), ((0, 0.05, 0), (0, 0, 0)),
+                                   ((0, 0, 0), (0, 0, -0.2)), ((0, -0.05, 0), (0, 0, 0))],
+                         ids=["yaw+", "y+", "yaw-", "y-"])
+def test_widowx_from_its_singular_home_a_pure_yaw_or_sideways_twist_moves_it_out_of_the_singularity(twist):
+    """Issue 10: at the all-zeros home the wrist rolls are collinear (rank 5) and a yaw or sideways
+    move needs a large roll / counter-roll first. The servo must move (not hold every step), leave
+    the singularity, never exceed a joint's velocity limit, and then carry out whole steps."""
+    rb = load_robot("wx250s")
+    kin = Kinematics(rb)
+    assert np.linalg.matrix_rank(kin.jacobian(rb.home), tol=1e-9) == 5  # exactly singular
+    v, w = np.array(twist[0], float), np.array(twist[1], float)
+    servo = Servo(rb, kin, ServoConfig(robot=rb.name, step_period=T, points=10))  # every 20 ms cycle
+    q, t, steps = rb.home.copy(), 0.0, 25
+    for _ in range(steps):
+        state(servo, rb, q, t)
+        res = servo.on_twist(t, v, w, now=t)
+        assert res.command is not None, res.reason
+        path = np.vstack([q, res.command.positions[:, : rb.dof]])
+        dt = np.diff(np.concatenate([[0.0], res.command.times]))
+        speed = np.abs(np.diff(path, axis=0)) / dt[:, None]
+        assert np.all(speed <= rb.velocity_max + 1e-9), speed.max(axis=0)
+        q, t = path[-1], t + T
+    dp, dr = pose_error(kin.fk(q), kin.fk(rb.home))
+    want_p, want_r = v * T * steps, w * T * steps
+    assert condition_number(kin, q) < 30.0  # below MoveIt's hard stop: out of the singularity
+    if np.any(w):
+        assert dr @ want_r / (want_r @ want_r) > 0.5  # more than half of the commanded yaw
+        assert np.linalg.norm(dp) < 0.04 and abs(dr[0]) + abs(dr[1]) < 0.02
+    else:
+        assert dp @ want_p / (want_p @ want_p) > 0.5  # more than half of the commanded 25 cm
+        assert abs(dp[0]) + abs(dp[2]) < 0.02 and np.linalg.norm(dr) < 0.03
+    assert servo.stats.applied == steps and res.step.fraction > 0.9  # whole steps once out
+
+
+def widowx_near_wrist_singularity():
+    """A WidowX pose with the wrist almost straight (condition number between 17 and 30) and the joint
+    direction that bends the wrist further (leaving) or straightens it (into the singularity)."""
+    rb = load_robot("wx250s")
+    kin = Kinematics(rb)
+    q = np.array([0.0, 0.3, -0.3, 0.0, 0.0, 0.0])
+    for wa in np.linspace(0.3, 0.0, 301):  # the smallest wrist bend still below the hard stop
+        q[4] = wa
+        if condition_number(kin, q) > 25.0:
+            q[4] = wa + 0.001
+            break
+    return rb, kin, q
+
+
+def test_singularity_slow_down_applies_only_when_heading_into_it():
+    rb, kin, q = widowx_near_wrist_singularity()
+    kappa = condition_number(kin, q)
+    assert 17.0 < kappa < 30.0
+    J = kin.jacobian(q)
+    servo = Servo(rb, kin, ServoConfig(robot=rb.name, step_period=T, control_period=T))  # one cycle
+    bend = np.zeros(rb.dof)
+    bend[4] = 0.002  # [rad] wrist_angle: > 0 bends away from the straight (singular) wrist
+    into_d = J @ -bend  # the TCP deltas that joint motion gives: into / out of the singularity
+    out_d = J @ bend
+    q_in, info_in = servo.plan_step(q, kin.fk(q), into_d[:3], into_d[3:])
+    q_out, info_out = servo.plan_step(q, kin.fk(q), out_d[:3], out_d[3:])
+    assert info_in.singularity_scale == pytest.approx(moveit_scale(kappa, True), abs=1e-6)
+    assert info_out.singularity_scale == pytest.approx(moveit_scale(kappa, False), abs=1e-6)
+    assert info_in.singularity_scale < info_out.singularity_scale
+    assert info_in.fraction == pytest.approx(info_in.singularity_scale, abs=0.05)
+    assert info_in.limited == "singularity"
+    # deeper in (past the hard stop): heading in stops, backing out still moves
+    q_deep = q.copy()
+    q_deep[4] = 0.004
+    assert condition_number(kin, q_deep) > 30.0
+    J = kin.jacobian(q_deep)
+    into_d, out_d = J @ -bend, J @ bend
+    _, stop = servo.plan_step(q_deep, kin.fk(q_deep), into_d[:3], into_d[3:])
+    q_back, back = servo.plan_step(q_deep, kin.fk(q_deep), out_d[:3], out_d[3:])
+    assert stop.singularity_scale == 0.0 and stop.fraction < 0.05
+    assert back.fraction >= 0.25 - 0.05 and q_back[-1][4] > q_deep[4]
+    assert condition_number(kin, q_back[-1]) < condition_number(kin, q_deep)
+
+
+def test_joint_velocity_limits_scale_the_step_and_keep_its_direction():
+    rb = load_robot("fr3")
+    kin = Kinematics(rb)
+    servo = Servo(rb, kin, ServoConfig(robot="fr3", step_period=T, joint_velocity_scale=0.1, points=10))
+    q0 = rb.home.copy()
+    state(servo, rb, q0, 0.0)
+    w = np.array([0.0, 0.0, 2.5])  # 0.5 rad about z in one step: far more than 10 % of the limits
+    res = servo.on_twist(0.001, [0, 0, 0], w, now=0.001)
+    path = np.vstack([q0, res.command.positions[:, : rb.dof]])
+    speed = np.abs(np.diff(path, axis=0)) / (T / 10)
+    assert np.all(speed <= 0.1 * rb.velocity_max + 1e-9)
+    info = res.step
+    assert info.velocity_scale < 1.0 and info.limited == "joint velocity" and 0.05 < info.fraction < 0.95
+    dp, dr = pose_error(kin.fk(path[-1]), kin.fk(q0))
+    assert np.linalg.norm(dp) < 1e-3  # no translation was asked for, none was made
+    assert dr[2] > 0.02 and np.hypot(dr[0], dr[1]) < 0.05 * dr[2]  # a part of the same rotation
+
+
+@pytest.mark.parametrize("name", ["fr3", "wx250s"])
+def test_servo_plans_inside_the_position_margin_the_safety_node_keeps(name):
+    """One margin (RobotConfig.position_margin) for servo and safety: a step driving a joint towards its
+    limit stops at the band's edge, so nothing the servo sends is clamped downstream."""
+    from magma_ros.core.safety import SafetyFilter
+
+    rb = load_robot(name)
+    kin = Kinematics(rb)
+    assert rb.position_margin == pytest.approx(0.05)
+    servo = Servo(rb, kin, ServoConfig(robot=name, step_period=T))
+    safety = SafetyFilter(rb)  # its default configuration: the margin from the robot YAML
+    lo, hi = servo.position_band
+    assert np.allclose(lo, safety.q_lo) and np.allclose(hi, safety.q_hi)  # one band, one source
+    q0 = start_q(rb)
+    q0[0] = rb.position_max[0] - 0.08  # the base joint 3 cm inside the band's edge
+    state(servo, rb, q0, 0.0)
+    d = kin.jacobian(q0)[:, 0] * 0.2  # the TCP motion of turning the base joint by 0.2 rad
+    res = servo.on_twist(0.001, d[:3] / T, d[3:] / T, now=0.001)
+    q1 = arm(res.command, rb)
+    assert np.all(q1 <= rb.position_max - rb.position_margin + 1e-9)
+    assert np.all(q1 >= rb.position_min + rb.position_margin - 1e-9)
+    assert q1[0] == pytest.approx(rb.position_max[0] - rb.position_margin, abs=1e-6)  # up to the edge
+    if rb.dof > 6:  # the Franka is redundant: the other joints carry out the rest of the step
+        assert res.step.fraction > 0.95
+    else:
+        assert res.step.fraction < 0.95 and res.step.limited == "joint limit"
+
+
+def test_clock_jumping_back_does_not_stall_the_servo():
+    """Isaac Sim reset / a looping bag: the clock restarts. Without the reset of the stamp state every
+    new twist would be 'not newer than the last' until the clock caught up."""
+    rb = load_robot("fr3")
+    kin = Kinematics(rb)
+    servo = Servo(rb, kin, ServoConfig(robot="fr3", step_period=T, delta_mode="target"))
+    state(servo, rb, rb.home, 100.0)
+    assert servo.on_twist(100.0, [0.02, 0, 0], [0, 0, 0], now=100.0).reason == "applied"
+    assert servo.stats.clock_resets == 0
+    moved = kin.solve_delta(rb.home, [0.0, 0.02, 0.0], [0, 0, 0]).q  # the reset moved the arm
+    state(servo, rb, moved, 3.0)  # sim time 3 s after the reset
+    assert servo.stats.clock_resets == 1 and "jumped back" in servo.clock_note
+    res = servo.on_twist(2.9, [0, 0, 0.05], [0, 0, 0], now=3.0)
+    assert res.reason == "applied", res.reason
+    check_delta(kin, moved, arm(res.command, rb), [0, 0, 0.01], np.zeros(3))  # re-anchored on the arm
+    state(servo, rb, moved, 3.1)
+    assert servo.on_twist(2.9, [0, 0, 0.05], [0, 0, 0], now=3.1).reason.startswith("duplicate")
+    assert servo.stats.clock_resets == 1  # one jump, counted once
+
+
+def test_a_step_across_a_clock_jump_needs_fresh_joint_states():
+    rb = load_robot("panda")
+    servo = Servo(rb, Kinematics(rb), ServoConfig(robot="panda", step_period=T))
+    state(servo, rb, rb.home, 50.0)
+    res = servo.on_twist(1.0, [0.01, 0, 0], [0, 0, 0], now=1.0)  # the clock restarted; no state since
+    assert res.command is None and res.reason == "no joint states yet"

@@ -178,3 +178,37 @@ def test_servo_node_drops_steps_until_the_safety_node_listens(nodes, rclpy_node)
     dp, _ = pose_error(want, kin.fk(q))
     assert np.linalg.norm(dp) < 2e-4
     assert proc.poll() is None
+
+
+def test_servo_node_survives_the_clock_jumping_back_and_reports_the_step(nodes, rclpy_node):
+    """use_sim_time and a simulator reset (Isaac Sim) / a looping bag: /clock restarts. The servo must
+    apply the next twist on the new clock (before: every twist 'not newer than the last applied' until
+    the clock caught up), and its diagnostics carry the step's condition number and scaling."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    rb = load_robot("fr3")
+    diags = []
+    rclpy_node.create_subscription(DiagnosticArray, "diagnostics",
+                                   lambda m: diags.extend(s for s in m.status if "servo" in s.name), 10)
+    proc = nodes.start("servo", {"robot": "fr3", "step_period": T, "use_sim_time": True})
+    probe = Probe(rclpy_node, rb, sim_time=1000.0)
+    ready(probe, nodes, proc)
+    probe.twist((0.0, 0.05, 0.0), (0.0, 0.0, 0.0), probe.now() - 0.05)
+    assert probe.wait(lambda: len(probe.cmds) >= 1, 10.0), nodes.dump()
+    probe.wait(lambda: False, timeout=1.5)  # settle_time: keep-alives end
+    probe.sim_time = 5.0  # the simulator was reset: its clock starts again
+    probe.wait(lambda: False, timeout=0.5)  # fresh joint states on the new clock
+    n = len(probe.cmds)
+    probe.twist((0.0, 0.0, 0.05), (0.0, 0.0, 0.0), probe.now() - 0.05)
+    assert probe.wait(lambda: len(probe.cmds) > n, 10.0), "twist after the clock reset not applied\n" + nodes.dump()
+    assert to_s(probe.cmds[n].header.stamp) < 10.0  # stamped on the new clock
+
+    def vals():
+        return {kv.key: kv.value for kv in diags[-1].values} if diags else {}
+
+    assert probe.wait(lambda: vals().get("clock_resets") == "1" and vals().get("applied") == "2", 10.0), vals()
+    v = vals()
+    assert 1.0 < float(v["condition_number"]) < 17.0  # the ready pose: far from singular
+    assert float(v["singularity_scale"]) == 1.0 and float(v["step_fraction"]) > 0.99
+    assert v["step_limited_by"] == "" and float(v["position_margin_rad"]) == pytest.approx(0.05)
+    assert "jumped back" in nodes.dump() and proc.poll() is None

@@ -149,7 +149,7 @@ def test_wx250s_forward_controller(nodes, rclpy_node):
     pub.publish(Float64MultiArray(data=[0.5] * 3))  # wrong length: ignored
     pub.publish(Float64MultiArray(data=[0.5, math.inf, 0, 0, 0, 0]))  # inf: ignored
     pr.settle(0.5)
-    assert np.allclose(pr.q(robot.arm_joints), robot.home, atol=1e-3)
+    assert np.allclose(pr.q(robot.arm_joints), robot.start, atol=1e-3)  # sim_start: the Bridge pose
     target = np.array([0.4, -0.3, 0.2, 0.1, 0.3, -0.2])
     pub.publish(Float64MultiArray(data=target.tolist()))
     assert pr.wait_q(robot.arm_joints, target, 2e-3), (pr.q(robot.arm_joints), nodes.log(proc))

@@ -53,27 +53,42 @@ def _moves_again(probe, alive, timeout=150.0) -> bool:
 
 
 def test_limit_oracle_flags_what_it_must():
-    """The checker the system test trusts: it must catch out-of-range positions and too-fast moves."""
+    """The oracle the system tests and the demo trust (LimitAudit, from the robot YAML alone): it must
+    catch positions out of range, moves too fast and velocity changes too large on real elapsed time,
+    both for set-point streams and for JTC messages, and malformed commands."""
+    from magma_ros.core.limit_audit import LimitAudit
     from magma_ros.core.robot import load_robot
-    from magma_ros.demo import LimitCheck
 
     r = load_robot(ROBOT)
-    chk = LimitCheck(r)
+    dt = 0.01
+    ok = LimitAudit(r, dt)
     q = r.home.copy()
-    chk.check(q, 0.01)
-    step = 0.9 * r.velocity_max * 0.01  # 90 % of every joint's limit over 10 ms
-    chk.check(q + step, 0.01)
-    chk.check(q, 0.01)
-    assert chk.violations == []
-    chk.check(q + 1.2 * r.velocity_max * 0.01, 0.01)  # 20 % too fast
-    assert len(chk.violations) == r.dof and "rad/s" in chk.violations[0]
+    for k in range(21):  # accelerate at 90 % of the acceleration limit for 0.1 s, then brake to rest
+        speed = 0.9 * r.acceleration_max * dt * min(k, 20 - k) * np.where(np.arange(r.dof) % 2, -1.0, 1.0)
+        q = q + speed * dt
+        ok.point(k * dt, q)
+    assert ok.violations == [] and ok.peak_acceleration > 0.85
+    fast = LimitAudit(r, dt)
+    fast.point(0.0, r.home)
+    fast.point(dt, r.home + 1.2 * r.velocity_max * dt)  # from rest to 120 % of the velocity limit at once
+    assert any("rad/s over" in x for x in fast.violations) and any("rad/s^2" in x for x in fast.violations)
+    bunched = LimitAudit(r, dt)  # the same step as before, but 1 ms after the last one: 10x too fast
+    bunched.point(0.0, r.home)
+    bunched.point(0.001, r.home + 0.5 * r.velocity_max * dt)
+    assert any("rad/s over 1.00 ms" in x for x in bunched.violations)
     bad = r.home.copy()
     bad[3] = r.position_max[3] + 0.01
-    chk2 = LimitCheck(r)
-    chk2.check(bad, None)
-    assert len(chk2.violations) == 1 and r.arm_joints[3] in chk2.violations[0]
-    chk2.check(np.full(r.dof, np.nan), 0.01)
-    assert "malformed" in chk2.violations[-1]
+    pos = LimitAudit(r, dt)
+    pos.trajectory(0.0, [dt], [bad])
+    assert len(pos.violations) == 1 and r.arm_joints[3] in pos.violations[0]
+    pos.point(1.0, np.full(r.dof, np.nan))
+    assert "malformed" in pos.violations[-1]
+    jtc = LimitAudit(r, dt)  # a JTC message that ends at speed: the controller's abrupt stop is caught
+    v = np.full(r.dof, 0.5)
+    jtc.start_at(0.0, r.home, v)  # moving at 0.5 rad/s
+    jtc.trajectory(0.0, [dt, 2 * dt], [r.home + v * dt, r.home + 2 * v * dt])
+    assert not jtc.violations
+    assert jtc.finish() and "velocity changes" in jtc.violations[-1]
 
 
 @pytest.mark.slow
@@ -97,7 +112,7 @@ def test_closed_loop_holds_stops_and_resumes(ros_env, tmp_path, tiny_ckpt):
 
     def explain(what: str) -> str:
         logs = "\n".join(f"--- {k} ---\n" + runner.log_text(k)[-2500:] for k in runner.processes)
-        return (f"{what}; twists={len(probe.twists)} commands={probe.limits.count} "
+        return (f"{what}; twists={len(probe.twists)} commands={probe.command_count} "
                 f"states={probe.states[-6:]} sources={probe.sources[-3:]}\n{logs}")
 
     try:
@@ -143,9 +158,11 @@ def test_closed_loop_holds_stops_and_resumes(ros_env, tmp_path, tiny_ckpt):
         assert _still_for(probe, 2.0, alive) < STILL, explain("arm moved after the policy died")
         assert runner.processes["sim"].poll() is None and runner.processes["safety"].poll() is None
 
-        # Every command that reached the controller topic was inside the limits.
-        assert probe.limits.count > STEPS, explain("too few controller commands")
-        assert not probe.limits.violations, probe.limits.violations[:10]
+        # Every command that reached the controller topic was inside the limits (position, velocity,
+        # acceleration on the commands' own stamps, as the controller executes them).
+        assert probe.command_count > STEPS, explain("too few controller commands")
+        audit = probe.limits
+        assert audit.pieces > STEPS and not audit.violations, audit.violations[:10]
     finally:
         runner.stop()
         probe.close()

@@ -20,8 +20,8 @@ from magma_ros.core.policy_loop import to_policy_action
 from magma_ros.core.servo import Servo, ServoConfig
 
 T = 0.2  # Bridge: 5 Hz
-# Start poses: Franka "ready"; WidowX in SimplerEnv's Bridge start pose (gripper pointing down).
-START = {"fr3": None, "panda": None, "wx250s": [0.0, 0.04, 0.22, 0.0, 1.37, 0.0]}
+# Start poses: the robot YAML's sim_start (Franka "ready" = home; WidowX: SimplerEnv's Bridge start pose,
+# gripper pointing down, not its singular home), where the simulator node starts the arm.
 BRIDGE_STD = np.array([0.0098, 0.0137, 0.0127, 0.0285, 0.0306, 0.0769])  # MAGMA_FACTS §1.7
 
 
@@ -60,7 +60,7 @@ def test_measured_tcp_motion_matches_each_commanded_delta(name):
     cfg = dataclasses.replace(load_sim_config(), objects={})  # the arm alone: no contacts
     sim = ArmSim(name, width=64, height=48, config=cfg)
     rb = sim.robot
-    sim.reset(None if START[name] is None else np.array(START[name]))
+    sim.reset(rb.start)
     servo = Servo(rb, Kinematics(rb), ServoConfig(robot=name, step_period=T))
     follower = TrajectoryFollower(sim.q())
     finger = rb.gripper.open
@@ -151,13 +151,12 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
     holds until the next frame. The TCP pose is computed from the simulator's joint states (MuJoCo's
     joint positions; the FK equals MuJoCo's body pose, checked by the test above).
     """
-    from builtin_interfaces.msg import Duration
     from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import TwistStamped
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import JointState
     from std_msgs.msg import String
-    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+    from trajectory_msgs.msg import JointTrajectory
 
     from magma_ros.core.kinematics import Kinematics
     from magma_ros.core.robot import load_robot
@@ -205,20 +204,8 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
     up = node.spin_until(lambda: len(states) > 10 and cmd_pub.get_subscription_count() > 0, 90.0)
     assert up, nodes.dump()
 
-    start = START[name]
-    if start is not None:  # drive the WidowX out of its singular home pose, <= 0.35 rad per command
-        q_from, q_to = states[-1][1], np.array(start)
-        for k in range(1, 5):
-            q_k = q_from + (q_to - q_from) * k / 4
-            m = JointTrajectory(joint_names=list(rb.arm_joints))
-            m.points = [JointTrajectoryPoint(positions=[float(x) for x in q_k],
-                                             time_from_start=Duration(nanosec=400_000_000))]
-            for _ in range(60):  # re-sent every 0.3 s (the safety node holds after command_timeout)
-                cmd_pub.publish(m)
-                node.spin_until(lambda: False, 0.3)
-                if np.abs(states[-1][1] - q_k).max() < 0.01:
-                    break
-            assert np.abs(states[-1][1] - q_k).max() < 0.01, f"arm did not reach {q_k}\n{nodes.dump()}"
+    # the simulator starts the arm at the robot's sim_start (the WidowX: not at its singular home)
+    assert np.abs(states[-1][1] - rb.start).max() < 0.01, f"arm not at sim_start {rb.start}: {states[-1][1]}"
 
     def still() -> bool:  # no joint moved more than 1e-5 rad over the last 0.2 s of sim time
         recent = [q for (ts, q) in states if ts >= states[-1][0] - 0.2]
@@ -254,5 +241,20 @@ def test_nodes_scripted_policy_moves_the_simulated_arm_by_each_delta(name, nodes
         p0, p1 = tcp_at(marks[k]), tcp_at(marks[k + 1])
         e_pos = np.linalg.norm((p1[:3, 3] - p0[:3, 3]) - a[:3])
         e_rot = angle_between(rpy_matrix(*a[3:6]) @ p0[:3, :3], p1[:3, :3])
-        print(f"{name} step {k}: {e_pos * 1e3:.3f} mm, {math.degrees(e_rot):.3f} deg")
+        print(f"{name} step {k}: {e_pos * 1e3:.3f} mm, {math.degrees(e_rot):.3f} deg; TCP moved "
+              f"{np.round((p1[:3, 3] - p0[:3, 3]) * 1e3, 2)} mm in [{marks[k]:.2f}, {marks[k + 1]:.2f}] s")
         assert e_pos <= 2e-3 and math.degrees(e_rot) <= 1.0, (k, e_pos, math.degrees(e_rot), diags)
+
+
+def test_sim_times_a_stamped_trajectory_from_its_stamp_like_jtc():
+    """The safety node stamps each JointTrajectory with its step time (ros2_control's JTC starts a
+    trajectory at a non-zero header stamp). The simulator must do the same, or every message would
+    start a transport delay late and the arm would fall behind the command stream; a zero stamp or one
+    on another clock (the wall clock against sim time) counts from receipt, so it cannot stall the arm."""
+    from magma_ros.nodes.sim import STAMP_WINDOW, stamped_times
+
+    times = np.array([0.01, 0.02, 0.03])
+    np.testing.assert_allclose(stamped_times(times, 100.0, 100.015), [-0.005, 0.005, 0.015])  # 15 ms late
+    np.testing.assert_allclose(stamped_times(times, 0.0, 100.015), times)  # zero stamp: "now"
+    np.testing.assert_allclose(stamped_times(times, 1.8e9, 100.0), times)  # wall clock vs sim time
+    np.testing.assert_allclose(stamped_times(times, 100.0 - 2 * STAMP_WINDOW, 100.0), times)
