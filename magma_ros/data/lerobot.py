@@ -325,11 +325,13 @@ class LeRobotWriter:
             dtype ``video`` for cameras (shape [H, W, 3]).
         robot_type: stored in info.json.
         resume: append to an existing dataset (its features and fps must match).
+        extra_info: more keys for info.json (LeRobot ignores unknown keys), e.g. ``{"magma_ros": {...}}``;
+            on resume they must equal what the dataset has.
     """
 
     def __init__(self, root: str | Path, fps: int, features: dict, robot_type: str = "", resume: bool = False,
                  video: VideoConfig | None = None, data_files_size_in_mb: int = 100,
-                 video_files_size_in_mb: int = 200, chunks_size: int = 1000):
+                 video_files_size_in_mb: int = 200, chunks_size: int = 1000, extra_info: dict | None = None):
         if int(fps) != fps or fps <= 0:
             raise ConfigError(f"LeRobot datasets need an integer fps > 0, got {fps}")
         self.root = Path(root).expanduser().resolve()
@@ -347,6 +349,9 @@ class LeRobotWriter:
                 raise ConfigError(f"a dataset already exists at {self.root}: resume to append to it, or choose "
                                   "another directory")
             self._load(info_path)
+            for k, v in (extra_info or {}).items():
+                if k in self.info and self.info[k] != v:
+                    raise ConfigError(f"{self.root}: info.json '{k}' is {self.info[k]}, this session has {v}")
             self.recovered = self.recover()
         else:
             try:
@@ -361,7 +366,7 @@ class LeRobotWriter:
                          "data_files_size_in_mb": int(data_files_size_in_mb),
                          "video_files_size_in_mb": int(video_files_size_in_mb), "fps": self.fps, "splits": {},
                          "data_path": DATA_PATH, "video_path": VIDEO_PATH if self.video_keys else None,
-                         "features": self.features}
+                         "features": self.features, **(extra_info or {})}
             self.tasks: list[str] = []
             self.stats: dict = {}
             self.last: dict | None = None  # last episode row (file indices, to_timestamp, dataset_to_index)
