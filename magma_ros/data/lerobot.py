@@ -648,7 +648,8 @@ def read_frames(root: str | Path, columns: list[str] | None = None) -> dict[str,
     out = {}
     for name in t.column_names:
         col = t.column(name).combine_chunks()
-        out[name] = np.asarray(col.to_pylist()) if pa.types.is_fixed_size_list(col.type) else col.to_numpy()
+        out[name] = (np.asarray(col.to_pylist()) if pa.types.is_fixed_size_list(col.type)
+                     else col.to_numpy(zero_copy_only=False))
     if "index" in out:
         order = np.argsort(out["index"], kind="stable")
         out = {k: v[order] for k, v in out.items()}

@@ -108,12 +108,12 @@ def make_node():
             if c.depth_topic:
                 subs.append((Image, c.depth_topic, img_qos, None))
             self.subs = []
+            self._latched: dict[str, object] = {}  # latched topic -> last message (re-recorded at each start)
             for typ, topic, qos, handler in subs:
                 name = self.resolve_topic_name(topic)
-                self.subs.append(self.create_subscription(typ, topic, self._recorded(name, handler), qos,
-                                                          callback_group=data))
-            self.create_service(Trigger, "recorder/start", self._srv(lambda: self.core.start(None, self.now())),
-                                callback_group=rec)
+                self.subs.append(self.create_subscription(typ, topic, self._recorded(name, handler, qos is latched),
+                                                          qos, callback_group=data))
+            self.create_service(Trigger, "recorder/start", self._srv(self._start), callback_group=rec)
             self.create_service(Trigger, "recorder/stop", self._srv(self.core.stop), callback_group=rec)
             self.create_service(Trigger, "recorder/discard", self._srv(self.core.discard), callback_group=rec)
             self.create_timer(1.0 / c.fps, self._on_frame, callback_group=data)
@@ -143,8 +143,18 @@ def make_node():
             return self.get_clock().now().nanoseconds * 1e-9
 
         # ----------------------------------------------------------------------- inputs
-        def _recorded(self, topic: str, handler):
+        def _start(self):
+            ok, msg = self.core.start(None, self.now())
+            if ok:  # the state of latched topics at the start belongs to the episode
+                t = self.get_clock().now().nanoseconds
+                for topic, m in list(self._latched.items()):
+                    self.core.record_message(topic, m, t)
+            return ok, msg
+
+        def _recorded(self, topic: str, handler, latched_topic: bool):
             def cb(msg):
+                if latched_topic:
+                    self._latched[topic] = msg
                 if self.core.bag is not None:
                     self.core.record_message(topic, msg, self.get_clock().now().nanoseconds)
                 if handler is not None:
@@ -245,8 +255,14 @@ def make_node():
         # ----------------------------------------------------------------------- services / state
         def _srv(self, fn):
             def handle(_req, resp):
-                resp.success, resp.message = fn()
-                (self.get_logger().info if resp.success else self.get_logger().warning)(resp.message)
+                try:
+                    resp.success, resp.message = fn()
+                except Exception as e:  # noqa: BLE001 - a bug here must not take the node down
+                    resp.success, resp.message = False, f"internal error: {type(e).__name__}: {e}"
+                if resp.success:
+                    self.get_logger().info(resp.message)
+                else:
+                    self.get_logger().warning(resp.message)
                 self._status()
                 return resp
             return handle
