@@ -276,7 +276,9 @@ class EpisodeStage:
             if time.monotonic() - self._last_sync >= self.sync_period:
                 self.sync()
         except OSError as e:
-            raise _io("write", self.dir, e) from None
+            raise _io("write", self.dir / "frames.arrow", e) from None
+        except RuntimeError as e:  # the video encoder's error, naming its file
+            raise DatasetIOError(str(e)) from None
 
     def sync(self) -> None:
         """Make the frames so far durable (the stream's bytes; video is synced at finish)."""
@@ -300,6 +302,8 @@ class EpisodeStage:
             self._manifest("stopped", video_stats=stats)
         except OSError as e:
             raise _io("finish the episode in", self.dir, e) from None
+        except RuntimeError as e:
+            raise DatasetIOError(str(e)) from None
 
     def discard(self) -> None:
         """Drop the episode (nothing of it reaches the dataset)."""

@@ -118,7 +118,9 @@ class VideoEncoder:
 
     def _raise(self) -> None:
         if self._error is not None:
-            raise self._error
+            e = self._error
+            why = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise RuntimeError(f"cannot write video {self.path}: {why}") from e
 
     def _run(self) -> None:
         import av
