@@ -287,3 +287,38 @@ def test_keyboard_mode_in_a_pseudo_terminal(ros_env, rclpy_node):
         child.expect(pexpect.EOF, timeout=20)
         child.close()
     assert child.exitstatus == 0, text()
+
+
+def test_spacemouse_twist_input_needs_the_joy_deadman(nodes, rclpy_node):
+    """spacenav_node's Twist as the motion source: scaled like the Joy axes, still nothing without the button."""
+    from geometry_msgs.msg import Twist
+    from sensor_msgs.msg import Joy
+
+    probe = Probe(rclpy_node)
+    joy = rclpy_node.create_publisher(Joy, "spacenav/joy", 10)
+    twist = rclpy_node.create_publisher(Twist, "spacenav/twist", 10)
+    p = nodes.start("teleop", {"device": "spacemouse", "twist_topic": "spacenav/twist", "period": 0.1})
+    assert probe.wait(lambda: joy.get_subscription_count() > 0 and twist.get_subscription_count() > 0
+                      and probe.node.count_publishers("teleop/ee_twist") > 0, 30), nodes.log(p)
+    probe.joy_on = False
+    state = {"button": 0}
+
+    def pump(seconds):  # spacenav_node while the puck is pushed: Twist and Joy keep coming
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            m = Twist()
+            m.linear.z, m.angular.x = 0.6, -1.0
+            twist.publish(m)
+            joy.publish(Joy(axes=[0.0] * 6, buttons=[state["button"], 0]))  # motion only in the Twist
+            probe.wait(lambda: False, 0.03)
+
+    pump(1.0)  # no button: no motion
+    assert probe.twists == []
+    state["button"] = 1
+    pump(1.0)
+    assert probe.twists, nodes.log(p)
+    dz = (0.6 - 0.1) / 0.9  # deadzone 0.1, rescaled
+    np.testing.assert_allclose(probe.twists[-1], [0, 0, 0.1 * dz, -0.5, 0, 0], atol=1e-9)
+    state["button"] = 0
+    pump(0.5)
+    assert not np.any(probe.twists[-1])
