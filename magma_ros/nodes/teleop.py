@@ -77,6 +77,7 @@ def make_node():
             # every layout entry is a ROS parameter too (-p enable_button:=5 overrides the YAML)
             values = {k: self.declare_parameter(k, _param_default(v), desc).value for k, v in flat.items()}
             name = os.path.splitext(os.path.basename(self.cfg.device))[0]
+            self.device_name = name
             self.layout = parse_layout(values, name)
             self.keyboard = isinstance(self.layout, KeyboardLayout)
             if self.keyboard and not sys.stdin.isatty():
@@ -262,7 +263,7 @@ def make_node():
                 c = self.core
                 age = self.now() - c.last_input_t
                 bad = bool(c.problem) or (not self.keyboard and not math.isfinite(age)) or c.reason == "input stale"
-                vals = {"device": self.layout.__class__.__name__ if self.keyboard else self.layout.device,
+                vals = {"device": self.device_name,
                         "engaged": c.engaged, "turbo": c.turbo, "reason": c.reason,
                         "input_age_s": f"{age:.2f}" if math.isfinite(age) else "never",
                         "twists": c.published, "last_button": self.last,
@@ -312,7 +313,7 @@ def make_node():
                         self._show_status(t)
 
         def _show_status(self, t: float) -> None:
-            line = status_line("keyboard", self.core, self.safety_state, self.safety_source, self.recorder_state,
+            line = status_line(self.device_name, self.core, self.safety_state, self.safety_source, self.recorder_state,
                                self.last)
             if line == self._status_shown and t - self._status_t < self.cfg.status_period:
                 return
