@@ -183,7 +183,8 @@ class RecorderCore:
             self.stage = self.bag = None
             dt = time.monotonic() - t0
             self.last_saved = (f"episode {row['episode_index']} saved: {row['length']} frames in {dt:.2f} s"
-                               + (f"; bag {bag_path}" if bag_path else ""))
+                               + (f" ({self.skipped} frame ticks skipped: no fresh image/joint state)"
+                                  if self.skipped else "") + (f"; bag {bag_path}" if bag_path else ""))
             return True, self.last_saved
 
     def discard(self) -> tuple[bool, str]:

@@ -116,7 +116,8 @@ def make_node():
             self.create_service(Trigger, "recorder/start", self._srv(self._start), callback_group=rec)
             self.create_service(Trigger, "recorder/stop", self._srv(self.core.stop), callback_group=rec)
             self.create_service(Trigger, "recorder/discard", self._srv(self.core.discard), callback_group=rec)
-            self.create_timer(1.0 / c.fps, self._on_frame, callback_group=data)
+            # own group: the frame clock is never queued behind the message callbacks
+            self.create_timer(1.0 / c.fps, self._on_frame, callback_group=MutuallyExclusiveCallbackGroup())
             self.create_timer(c.status_period, self._status, callback_group=rec)
             try:
                 self.core.open()
