@@ -14,7 +14,8 @@ Contract (docs/teleop.md):
 - **Stale input** (no sample for ``input_timeout``: joy_node stopped) stops the same way.
 - **Re-arm.** After start-up, an e-stop and (``rearm_after_stale``) stale input, the deadman must be
   seen released before it engages again: a deadman held through those never starts motion by itself.
-- Buttons act on their press (edge): gripper open / close / toggle (only with the deadman held),
+- Buttons act on their press (edge): gripper open / close / toggle (only with the deadman held; a
+  keyboard key press counts as deliberate and sends a zero twist first),
   hand back to the policy (only with the deadman released), start / stop / discard an episode, e-stop.
 - Twist units: base-frame m/s and rad/s (rotation-vector rate), applied by the teleop servo for one
   output period, exactly the ``magma/ee_twist`` convention.
@@ -439,10 +440,12 @@ class TeleopCore:
         elif not s.enable and not self.engaged:
             self.reason = s.problem or "deadman released"
         pressed = frozenset(s.pressed)
-        edges = [a for a in ACTIONS if a in pressed and a not in self._prev_pressed] + list(s.events)
+        edges = [a for a in ACTIONS if a in pressed and a not in self._prev_pressed]
         self._prev_pressed = pressed
         for a in edges:
             self._action(a, step)
+        for a in s.events:  # a key press is a deliberate act of its own (keyboard)
+            self._action(a, step, key=True)
         return step
 
     def on_safety_state(self, state: str) -> Step:
@@ -487,11 +490,15 @@ class TeleopCore:
         lin, ang = self.scales.twist(self.axes, self.turbo)
         return Twist(lin, ang, reason)
 
-    def _action(self, a: str, step: Step) -> None:
+    def _action(self, a: str, step: Step, key: bool = False) -> None:
         if a in GRIPPER_ACTIONS:
-            if not self.engaged:
+            if not self.engaged and not key:
                 step.notes.append(f"{a.replace('_', ' ')} ignored: hold the deadman to move the gripper")
                 return
+            if not self.engaged and step.twist is None:
+                # a gripper key with no motion key held: a zero twist first, so the servo has a step at the
+                # measured pose to carry the new finger value (with no step running it re-sends its last target)
+                step.twist = self._twist("gripper", zero=True)
             if a == "gripper_toggle":
                 g = 0.0 if self.gripper is None or self.gripper > 0.5 else 1.0
             else:

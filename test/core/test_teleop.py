@@ -233,6 +233,11 @@ def test_keyboard_hold_repeat_release_turbo_and_keys():
     kb.on_key("p", 1.12)
     assert c.on_input(kb.sample(1.12), 1.12).notes  # hand-back while moving: refused
     kb.on_key(" ", 1.15)
+    c.on_input(kb.sample(1.16), 1.16)
+    assert c.tick(1.17).twist.is_zero and c.tick(1.18).twist is None  # stopped, silent
+    kb.on_key("c", 1.19)  # a gripper key with no motion key: a zero twist (the servo's step), then the gripper
+    step = c.on_input(kb.sample(1.19), 1.19)
+    assert step.twist.is_zero and step.gripper == 0.0 and not c.engaged
     for key, action in (("p", "resume_policy"), ("b", "start_episode"), ("n", "stop_episode"),
                         ("x", "discard_episode"), ("e", "estop")):
         kb.on_key(key, 1.2)

@@ -272,6 +272,11 @@ def test_keyboard_mode_in_a_pseudo_terminal(ros_env, rclpy_node):
         wait(lambda: False, 0.5)
         assert not any(abs(t[1]) > 0 for t in probe.twists)
 
+        n = len(probe.twists)
+        child.send("c")  # gripper key, no motion key: a zero twist (the servo's step) and the gripper
+        assert wait(lambda: probe.grippers == [0.0] and len(probe.twists) > n, 10), text()
+        assert not np.any(probe.twists[-1])
+
         for key, srv in (("b", "recorder/start"), ("n", "recorder/stop"), ("x", "recorder/discard"),
                          ("p", "safety/resume_policy")):
             child.send(key)
