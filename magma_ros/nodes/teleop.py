@@ -247,9 +247,11 @@ def make_node():
                     ok, msg = False, f"{type(e).__name__}: {e}"
                 if action == "resume_policy":
                     self._resume_busy = False
-                    if not ok and "teleop is driving" in msg and self.now() < self._resume_until:
-                        self._resume_next = self.now() + 0.2  # the safety node still sees teleop: retry
-                        self.last = "hand-back: waiting for teleop to go quiet"
+                    if not ok and self.now() + 0.2 < self._resume_until:
+                        # refused (the safety node still sees teleop as fresh, for its command_timeout after
+                        # the last teleop command): retry until resume_retry is over, then report the reason
+                        self._resume_next = self.now() + 0.2
+                        self.last = f"hand-back: waiting ({msg})"
                         return
                     self._resume_until = -math.inf
                 self.last = f"{srv}: {'ok' if ok else 'refused'}{': ' + msg if msg else ''}"

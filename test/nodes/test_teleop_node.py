@@ -25,6 +25,7 @@ class Probe:
     """Plays joy_node (20 Hz autorepeat of the current state) and the services teleop calls."""
 
     def __init__(self, node):
+        from diagnostic_msgs.msg import DiagnosticArray
         from geometry_msgs.msg import TwistStamped
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Joy
@@ -52,6 +53,14 @@ class Probe:
 
         node.create_subscription(TwistStamped, "teleop/ee_twist", on_twist, 50)
         node.create_subscription(Float64, "teleop/gripper", lambda m: self.grippers.append(m.data), 10)
+        self.diag: dict[str, str] = {}  # the teleop node's latest diagnostics values
+
+        def on_diag(m):
+            for st in m.status:
+                if st.name == "magma_ros: teleop":
+                    self.diag = {kv.key: kv.value for kv in st.values}
+
+        node.create_subscription(DiagnosticArray, "diagnostics", on_diag, 10)
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
         node.create_subscription(Empty, "safety/estop", lambda m: setattr(self, "estops", self.estops + 1), latched)
@@ -118,6 +127,7 @@ def test_joy_deadman_turbo_release_and_stale_input(nodes, rclpy_node):
     assert probe.wait(lambda: len(probe.twists) >= 5, 10), nodes.log(p)
     np.testing.assert_allclose(probe.twists[-1], [0.05, 0, 0, 0, 0, 0], atol=1e-9)
     assert set(probe.frames) == {"fr3_link0"}
+    assert probe.wait(lambda: probe.diag.get("engaged") == "True", 5), probe.diag
     # + turbo: the turbo scale, only because the deadman is held
     n = len(probe.twists)
     probe.set(axes={1: 1.0}, buttons=[LB, RB])
@@ -156,6 +166,8 @@ def test_joy_deadman_turbo_release_and_stale_input(nodes, rclpy_node):
     assert probe.twists[-1][0] == pytest.approx(-0.05)
     probe.set()
     assert "deadman released" in nodes.log(p) and "input stale" in nodes.log(p)
+    probe.joy_on = False
+    assert probe.wait(lambda: probe.diag.get("reason") == "input stale", 5), probe.diag
 
 
 def test_joy_buttons_call_the_services_and_estop(nodes, rclpy_node):
@@ -185,10 +197,18 @@ def test_joy_buttons_call_the_services_and_estop(nodes, rclpy_node):
     assert probe.wait(lambda: probe.calls.count("safety/resume_policy") == 3, 10), (probe.calls, nodes.log(p))
     probe.hold(0.5)
     assert probe.calls.count("safety/resume_policy") == 3
+    # a refusal that lasts (e-stop latched) is reported once resume_retry (3 s) is over
+    probe.resume_answers = [(False, "e-stop latched: call safety/reset first")] * 100
+    press(BTN["resume_policy"])
+    assert probe.wait(lambda: "safety/resume_policy: refused: e-stop latched" in nodes.log(p), 15), nodes.log(p)
+    n_calls = probe.calls.count("safety/resume_policy")
+    probe.hold(1.0)
+    assert probe.calls.count("safety/resume_policy") == n_calls  # no more retries
+    probe.resume_answers = []
     # ... refused while the deadman is held
     press(BTN["resume_policy"], extra=[LB])
     probe.hold(0.5)
-    assert probe.calls.count("safety/resume_policy") == 3 and "release the deadman first" in nodes.log(p)
+    assert probe.calls.count("safety/resume_policy") == n_calls and "release the deadman first" in nodes.log(p)
 
     # gripper: only with the deadman, after a twist (the servo anchors on the first twist of a session)
     probe.set()
