@@ -37,7 +37,7 @@ class RecorderConfig:
     width: int = 640  # [px] expected image width (the video's size)
     height: int = 480  # [px] expected image height
     instruction: str = ""  # task text until magma/instruction says otherwise
-    image_timeout: float = 1.0  # [s] frames are skipped while the newest image is older than this
+    image_timeout: float = 1.0  # [s] an image is not recorded while the newest joint state is older than this
     codec: str = "libx264"  # video encoder (PyAV name)
     crf: int = 23  # video quality (lower = better)
     status_period: float = 0.5  # [s] console status line / diagnostics period

@@ -7,8 +7,9 @@ durable on disk when the reply comes), ``recorder/discard`` (drop the episode be
 Out: ``recorder/state`` (String, reliable + transient local: ``idle``/``recording``/``error`` with the
 episode number, frames and elapsed time), ``diagnostics``, and a live status line on a terminal.
 
-Frames are sampled at ``fps`` on the node clock (sim time with use_sim_time) from the newest colour
-image, joint states, the command the safety node sent to the controller (by ``controller``: jtc
+Frames are taken at ``fps`` on the camera's clock (one per ``1/fps`` of image stamps: every image of a
+camera running at ``fps``, every n-th of a faster one) with the newest joint states, the command the
+safety node sent to the controller (by ``controller``: jtc
 ``<arm_controller>/joint_trajectory``, forward ``<forward_controller>/commands``, isaac
 ``joint_command``; gripper ``<gripper_controller>/joint_trajectory``), ``safety/source`` and the teleop
 intent (``teleop/ee_twist``, ``teleop/gripper``); features in :mod:`magma_ros.data.episode`. The MCAP bag
@@ -25,7 +26,7 @@ import numpy as np
 
 from magma_ros.core.errors import ConfigError
 from magma_ros.data.session import RecorderConfig, RecorderCore
-from magma_ros.nodes._common import declare_config, diagnostic_array, run_node
+from magma_ros.nodes._common import declare_config, diagnostic_array, run_node, to_seconds
 
 
 def make_node():
@@ -60,7 +61,9 @@ def make_node():
             self.core = RecorderCore(self.cfg, list(r.arm_joints), r.name)
             self.tty = sys.stdout.isatty()
             # newest values (written by callbacks, read by the frame timer)
-            self.image = None  # (rgb, t_received)
+            self.image = None  # (rgb, t_received) of the newest image
+            self.q_t = -1e9  # [s] node time of the newest joint state
+            self.last_frame_stamp = None  # image stamp [s] of the last recorded frame
             self.q = None  # arm joint positions (dof,)
             self.finger = None  # measured finger position [m]
             self.cmd_q = None  # last arm command sent to the controller
@@ -77,7 +80,7 @@ def make_node():
             rec = ReentrantCallbackGroup()
             self.pub_state = self.create_publisher(String, "recorder/state", latched)
             self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", 10)
-            img_qos = QoSProfile(depth=2, reliability=ReliabilityPolicy.RELIABLE)
+            img_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
             cmd_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
             c = self.cfg
             subs = [  # (type, topic, qos, handler)
@@ -116,8 +119,6 @@ def make_node():
             self.create_service(Trigger, "recorder/start", self._srv(self._start), callback_group=rec)
             self.create_service(Trigger, "recorder/stop", self._srv(self.core.stop), callback_group=rec)
             self.create_service(Trigger, "recorder/discard", self._srv(self.core.discard), callback_group=rec)
-            # own group: the frame clock is never queued behind the message callbacks
-            self.create_timer(1.0 / c.fps, self._on_frame, callback_group=MutuallyExclusiveCallbackGroup())
             self.create_timer(c.status_period, self._status, callback_group=rec)
             try:
                 self.core.open()
@@ -164,11 +165,25 @@ def make_node():
 
         def _on_image(self, msg) -> None:
             try:
-                self.image = (image_to_rgb(msg), self.now())
+                rgb = image_to_rgb(msg)
             except ValueError as e:
                 if str(e) != self._bad_image:
                     self._bad_image = str(e)
                     self.get_logger().error(f"image ignored: {e}")
+                return
+            self.image = (rgb, self.now())
+            stamp = to_seconds(msg.header.stamp)
+            if not self.core.recording:
+                self.last_frame_stamp = None
+                return
+            # the frame clock is the camera's: one frame per 1/fps of image stamps (every image of a
+            # camera at fps; every n-th of a faster one), so a busy machine delays frames, never drops them
+            period = 1.0 / self.cfg.fps
+            if self.last_frame_stamp is not None and stamp - self.last_frame_stamp < 0.75 * period:
+                return
+            self.last_frame_stamp = stamp if self.last_frame_stamp is None or stamp - self.last_frame_stamp > \
+                2 * period else self.last_frame_stamp + period
+            self._frame(rgb, stamp)
 
         def _on_joint_state(self, msg) -> None:
             pos = dict(zip(msg.name, msg.position))
@@ -176,6 +191,7 @@ def make_node():
                 self.q = np.array([pos[n] for n in self.robot.arm_joints])
             except KeyError:
                 return
+            self.q_t = self.now()
             g = pos.get(self.robot.gripper.joint)
             if g is not None:
                 self.finger = float(g)
@@ -218,15 +234,12 @@ def make_node():
                 self._set_cmd(msg.joint_names, msg.points[0].positions)
 
         # ----------------------------------------------------------------------- frames
-        def _on_frame(self) -> None:
+        def _frame(self, rgb, stamp: float) -> None:
             core = self.core
-            if not core.recording:
-                return
             now = self.now()
-            if self.image is None or self.q is None or now - self.image[1] > self.cfg.image_timeout:
-                core.skipped += 1
+            if self.q is None or now - self.q_t > self.cfg.image_timeout:
+                core.skipped += 1  # no fresh joint state for this image
                 return
-            rgb = self.image[0]
             if rgb.shape[:2] != (self.cfg.height, self.cfg.width):
                 core._fail(ValueError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, the recorder expects "
                                       f"{self.cfg.width}x{self.cfg.height} (set width/height)"))
@@ -247,7 +260,7 @@ def make_node():
                       "action.joints": np.append(cmd_q, cmd_g).astype(np.float32),
                       "teleop.intent": intent.astype(np.float32),
                       "safety.source": src, "intervention": src == SOURCES["teleop"],
-                      "observation.stamp": now}
+                      "observation.stamp": stamp}
             core.add(Sample(values, pose, cmd_g))
             if core.error:
                 self.get_logger().error(core.error)
