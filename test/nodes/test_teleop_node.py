@@ -271,8 +271,9 @@ def test_keyboard_mode_in_a_pseudo_terminal(ros_env, rclpy_node):
         wait(lambda: False, 2.0)  # discovery both ways
 
         hold("w", 1.0)  # w held: +x
-        assert wait(lambda: len(probe.twists) >= 3, 10), text()
-        np.testing.assert_allclose(probe.twists[len(probe.twists) // 2], [0.05, 0, 0, 0, 0, 0])
+        assert wait(lambda: sum(bool(np.any(t)) for t in probe.twists) >= 3, 10), text()
+        # (a key repeat delayed past key_timeout by the load reads as a release: zeros may be mixed in)
+        assert all(np.allclose(t, [0.05, 0, 0, 0, 0, 0]) for t in probe.twists if np.any(t))
         assert "panda_link0" in probe.frames
         assert wait(lambda: not np.any(probe.twists[-1]), 5)  # let go: stops
         assert wait(lambda: "stopped (deadman released)" in text(), 5), text()
