@@ -112,6 +112,9 @@ class BagWriter:
         self._channels: dict[str, int] = {}
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.partial.exists():  # left by a killed session for the same episode number: keep it aside
+            os.replace(self.partial, self.path.with_name(f"{self.path.stem}.incomplete-{os.getpid()}-"
+                                                         f"{self.partial.stat().st_mtime_ns}.mcap.partial"))
         self._f = open(self.partial, "wb")
         comp = {"lz4": CompressionType.LZ4, "zstd": CompressionType.ZSTD, "none": CompressionType.NONE}[compression]
         self._w = Writer(self._f, compression=comp)
