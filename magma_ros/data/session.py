@@ -84,6 +84,7 @@ class RecorderCore:
         self.skipped = 0
         self.last_saved = ""
         self.recovered: list = []
+        self.timing: dict[str, float] = {}  # [s] phases of the last stop: frames, finish, commit, bag
 
     # ----------------------------------------------------------------------------------- control
     @property
@@ -174,9 +175,14 @@ class RecorderCore:
                         bag.discard()
                     self.stage = self.bag = None
                     return False, "no frames recorded (no images or joint states?): nothing saved"
-                stage.finish()
+                t1 = time.monotonic()
+                stage.finish()  # flushes the encoder: waits only for frames it has not encoded yet
+                t2 = time.monotonic()
                 row = self.writer.commit(stage)
+                t3 = time.monotonic()
                 bag_path = bag.close() if bag is not None else None
+                self.timing = {"frames": t1 - t0, "finish": t2 - t1, "commit": t3 - t2,
+                               "bag": time.monotonic() - t3}
             except (OSError, RuntimeError, ValueError) as e:
                 self._fail(e)
                 return False, self.error
