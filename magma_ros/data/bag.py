@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 
 from magma_ros.core.errors import ConfigError
+from magma_ros.data.video import fsync_path
 
 PRIMITIVES = {"bool", "byte", "char", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32",
               "uint32", "int64", "uint64", "string", "wstring"}
@@ -175,11 +176,7 @@ class BagWriter:
             os.fsync(self._f.fileno())
             self._f.close()
             os.replace(self.partial, self.path)
-            fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(self.path.parent)
         except BaseException:
             self._abandon()
             raise

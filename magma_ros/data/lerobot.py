@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from magma_ros.core.errors import ConfigError
-from magma_ros.data.video import VideoConfig, VideoEncoder, concatenate, fsync_file, video_duration, video_info
+from magma_ros.data.video import VideoConfig, VideoEncoder, concatenate, fsync_path, video_duration, video_info
 
 CODEBASE_VERSION = "v3.0"
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
@@ -72,15 +72,6 @@ def _io(what: str, path: Path, e: OSError) -> DatasetIOError:
 
 
 # ------------------------------------------------------------------------------------- durable files
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new names, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_durable(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file, fsync, rename, fsync of the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +81,7 @@ def write_durable(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _json_bytes(d) -> bytes:
@@ -102,7 +93,7 @@ def _write_parquet(table, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, compression="snappy")
-    fsync_file(path)
+    fsync_path(path)
 
 
 # ------------------------------------------------------------------------------------------ features
@@ -398,8 +389,12 @@ class LeRobotWriter:
         self.tasks = []
         if tp.exists():
             t = pq.read_table(tp).to_pydict()
+            # the task strings are the pandas index: "__index_level_0__", or a named index ("task")
+            name = next((k for k in t if k != "task_index"), None)
+            if name is None:
+                raise ConfigError(f"{tp}: no task column")
             order = sorted(range(len(t["task_index"])), key=lambda i: t["task_index"][i])
-            self.tasks = [t["__index_level_0__"][i] for i in order]
+            self.tasks = [t[name][i] for i in order]
         sp = self.root / "meta" / "stats.json"
         self.stats = _stats_from_json(json.loads(sp.read_text())) if sp.exists() else {}
         files = sorted((self.root / "meta" / "episodes").glob("*/*.parquet"))
@@ -502,7 +497,7 @@ class LeRobotWriter:
             else:
                 t0 = 0.0
                 shutil.copyfile(src, dst)
-                fsync_file(dst)
+                fsync_path(dst)
             row.update({f"videos/{k}/chunk_index": c, f"videos/{k}/file_index": f,
                         f"videos/{k}/from_timestamp": t0, f"videos/{k}/to_timestamp": t0 + n / self.fps})
             if not self.info["features"][k].get("info"):
@@ -530,13 +525,13 @@ class LeRobotWriter:
         stats = aggregate_stats([self.stats, ep_stats]) if self.stats else ep_stats
         p = out("meta/stats.json")
         p.write_bytes(_json_bytes(_stats_to_json(stats)))
-        fsync_file(p)
+        fsync_path(p)
         info = dict(self.info)
         info.update({"total_episodes": ep + 1, "total_frames": start + n, "total_tasks": len(tasks),
                      "splits": {"train": f"0:{ep + 1}"}})
         p = out("meta/info.json")
         p.write_bytes(_json_bytes(info))
-        fsync_file(p)
+        fsync_path(p)
         write_durable(cdir / "COMMIT.json", _json_bytes({"moves": moves, "stage": str(sdir.name)}))
         self._apply(cdir)
         self.info, self.tasks, self.stats, self.last, self.episode_rows = info, tasks, stats, row, rows
@@ -550,7 +545,7 @@ class LeRobotWriter:
             if src.exists():
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dst)
-                fsync_dir(dst.parent)
+                fsync_path(dst.parent)
         shutil.rmtree(self.root / STAGING / c["stage"], ignore_errors=True)
         shutil.rmtree(cdir, ignore_errors=True)
 

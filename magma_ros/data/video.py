@@ -158,13 +158,13 @@ class VideoEncoder:
                     self._error = self._error or e
         if self._error is None and self.path.exists():
             try:
-                fsync_file(self.path)
+                fsync_path(self.path)
             except OSError as e:
                 self._error = e
 
 
-def fsync_file(path: Path) -> None:
-    """Flush a file's data to the disk."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (new names, renames), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -226,6 +226,6 @@ def concatenate(inputs: list[Path], output: Path) -> None:
         finally:
             src.close()
             dst.close()
-        fsync_file(output)
+        fsync_path(output)
     finally:
         list_path.unlink(missing_ok=True)

@@ -100,11 +100,14 @@ def make_node():
                 (CameraInfo, c.image_topic.rsplit("/", 1)[0] + "/camera_info", img_qos, None),
             ]
             if c.controller == "jtc":
-                subs.append((JointTrajectory, f"{r.arm_controller}/joint_trajectory", cmd_qos, self._on_arm_jtc))
+                cmd_topic = f"{r.arm_controller}/joint_trajectory"
+                subs.append((JointTrajectory, cmd_topic, cmd_qos, self._on_arm_jtc))
             elif c.controller == "forward":
-                subs.append((Float64MultiArray, f"{r.forward_controller}/commands", cmd_qos, self._on_arm_forward))
+                cmd_topic = f"{r.forward_controller}/commands"
+                subs.append((Float64MultiArray, cmd_topic, cmd_qos, self._on_arm_forward))
             else:
-                subs.append((JointState, "joint_command", cmd_qos, self._on_arm_isaac))
+                cmd_topic = "joint_command"
+                subs.append((JointState, cmd_topic, cmd_qos, self._on_arm_isaac))
             if c.controller != "isaac":
                 subs.append((JointTrajectory, f"{r.gripper_controller}/joint_trajectory", cmd_qos,
                              self._on_gripper_cmd))
@@ -139,7 +142,7 @@ def make_node():
             self.get_logger().info(
                 f"recorder: dataset {self.core.root} ({self.core.episode} episodes), "
                 f"{'bags in ' + str(self.core.mcap_dir) if c.mcap else 'no bags'}, {c.fps} fps, step_period "
-                f"{c.step_period} s, command from '{self.subs[-1 if c.controller == 'isaac' else -2].topic_name}'")
+                f"{c.step_period} s, command from '{self.resolve_topic_name(cmd_topic)}'")
 
         def now(self) -> float:
             return self.get_clock().now().nanoseconds * 1e-9
