@@ -27,6 +27,7 @@ TELEOP_PERIOD = 0.1  # [s] collect.launch.yaml's teleop_period default (the tele
 def test_collect_policy_takeover_record_discard(ros_env, rclpy_node, tmp_path):
     from mcap_ros2.reader import read_ros2_messages
     from sensor_msgs.msg import JointState
+    from trajectory_msgs.msg import JointTrajectory
 
     from magma_ros.core.actions import load_stats
     from magma_ros.core.robot import load_robot
@@ -36,6 +37,9 @@ def test_collect_policy_takeover_record_discard(ros_env, rclpy_node, tmp_path):
     sent = []  # every joint state the simulator published (the values the dataset must hold)
     rclpy_node.create_subscription(JointState, "joint_states",
                                    lambda m: sent.append(np.array(m.position[:7], np.float32)), 100)
+    commands = []  # every arm command the safety node sent to the controller
+    rclpy_node.create_subscription(JointTrajectory, f"{robot.arm_controller}/joint_trajectory",
+                                   lambda m: commands.append(np.array(m.points[0].positions, np.float32)), 100)
     out = tmp_path / "session"
     result, error = {}, []
 
@@ -65,11 +69,13 @@ def test_collect_policy_takeover_record_discard(ros_env, rclpy_node, tmp_path):
     assert ds["num_episodes"] == 3 and [e["length"] for e in ds["episodes"]] == lengths
     assert ds["num_frames"] == sum(lengths) and all(n >= 5 for n in lengths), lengths
     assert ds["tasks"] == ["pick up the red block"]
-    sent_arr = np.stack(sent)
+    sent_arr, cmd_arr = np.stack(sent), np.stack(commands)
     sources = []
     for row in ds["frames"]:
         q = np.asarray(row["observation.state"][:7], np.float32)
         assert np.abs(sent_arr - q).max(1).min() == 0.0, "observation.state is not a joint state the sim sent"
+        c = np.asarray(row["action.joints"][:7], np.float32)
+        assert np.abs(cmd_arr - c).max(1).min() == 0.0, "action.joints is not a command the safety node sent"
         assert len(row["observation.images.color"]) == 3
         sources.append(row["safety.source"])
         assert bool(row["intervention"]) == (row["safety.source"] == 2)
