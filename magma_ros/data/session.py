@@ -37,7 +37,7 @@ class RecorderConfig:
     width: int = 640  # [px] expected image width (the video's size)
     height: int = 480  # [px] expected image height
     instruction: str = ""  # task text until magma/instruction says otherwise
-    image_timeout: float = 1.0  # [s] an image is not recorded while the newest joint state is older than this
+    state_timeout: float = 1.0  # [s] an image is not recorded while the newest joint state is older than this
     codec: str = "libx264"  # video encoder (PyAV name)
     crf: int = 23  # video quality (lower = better)
     status_period: float = 0.5  # [s] console status line / diagnostics period
@@ -81,7 +81,8 @@ class RecorderCore:
         self.task = cfg.instruction
         self.t_start = 0.0
         self.frames = 0
-        self.skipped = 0
+        self.skipped = 0  # images not recorded (no fresh joint state)
+        self.gaps = 0  # frames more than 1.5/fps after the previous one (camera slower than fps, or lost images)
         self.last_saved = ""
         self.recovered: list = []
         self.timing: dict[str, float] = {}  # [s] phases of the last stop: frames, finish, commit, bag
@@ -131,7 +132,7 @@ class RecorderCore:
                 return False, self.error
             self.lookahead = ActionLookahead(self.k)
             self.error = ""
-            self.frames = self.skipped = 0
+            self.frames = self.skipped = self.gaps = 0
             self.t_start = now
             return True, f"recording episode {self.stage.index}: '{task}'"
 
@@ -189,8 +190,9 @@ class RecorderCore:
             self.stage = self.bag = None
             dt = time.monotonic() - t0
             self.last_saved = (f"episode {row['episode_index']} saved: {row['length']} frames in {dt:.2f} s"
-                               + (f" ({self.skipped} frame ticks skipped: no fresh image/joint state)"
-                                  if self.skipped else "") + (f"; bag {bag_path}" if bag_path else ""))
+                               + (f" ({self.skipped} images skipped: no fresh joint state)" if self.skipped else "")
+                               + (f" ({self.gaps} gaps over 1.5/fps: camera slower than fps or images lost)"
+                                  if self.gaps else "") + (f"; bag {bag_path}" if bag_path else ""))
             return True, self.last_saved
 
     def discard(self) -> tuple[bool, str]:
@@ -237,7 +239,8 @@ class RecorderCore:
         """One line: what the recorder does."""
         if self.recording:
             return (f"recording episode {self.stage.index}: {self.frames} frames, {now - self.t_start:.1f} s"
-                    f"{f', {self.skipped} skipped' if self.skipped else ''}")
+                    f"{f', {self.skipped} skipped' if self.skipped else ''}"
+                    f"{f', {self.gaps} gaps' if self.gaps else ''}")
         if self.error:
             return f"error: {self.error}"
         return f"idle: next episode {self.episode}" + (f" ({self.last_saved})" if self.last_saved else "")

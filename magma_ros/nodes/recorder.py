@@ -184,6 +184,8 @@ def make_node():
             period = 1.0 / self.cfg.fps
             if self.last_frame_stamp is not None and stamp - self.last_frame_stamp < 0.75 * period:
                 return
+            if self.last_frame_stamp is not None and stamp - self.last_frame_stamp > 1.5 * period:
+                self.core.gaps += 1
             self.last_frame_stamp = stamp if self.last_frame_stamp is None or stamp - self.last_frame_stamp > \
                 2 * period else self.last_frame_stamp + period
             self._frame(rgb, stamp)
@@ -240,7 +242,7 @@ def make_node():
         def _frame(self, rgb, stamp: float) -> None:
             core = self.core
             now = self.now()
-            if self.q is None or now - self.q_t > self.cfg.image_timeout:
+            if self.q is None or now - self.q_t > self.cfg.state_timeout:
                 core.skipped += 1  # no fresh joint state for this image
                 return
             if rgb.shape[:2] != (self.cfg.height, self.cfg.width):
@@ -301,7 +303,7 @@ def make_node():
                 self.get_clock().now().to_msg(), "magma_ros: recorder", level, text,
                 {"state": state, "episode": core.episode, "frames": core.frames,
                  "elapsed_s": f"{now - core.t_start:.1f}" if core.recording else "0.0",
-                 "skipped_frames": core.skipped, "dataset": str(core.root), "task": core.task,
+                 "skipped_images": core.skipped, "frame_gaps": core.gaps, "dataset": str(core.root), "task": core.task,
                  "image": "yes" if self.image is not None else "no",
                  "joint_states": "yes" if self.q is not None else "no",
                  "controller_commands": "yes" if self.cmd_q is not None else "no"},
