@@ -102,7 +102,8 @@ class BagWriter:
     worker (disk full) is raised by the next ``write`` or by :meth:`close`.
     """
 
-    def __init__(self, path: str | Path, max_queue: int = 2000, compression: str = "lz4"):
+    def __init__(self, path: str | Path, max_queue: int = 2000, compression: str = "lz4",
+                 max_queued_bytes: int = 256 * 2**20):
         from mcap.writer import CompressionType, Writer
 
         self.path = Path(path)
@@ -112,6 +113,9 @@ class BagWriter:
         self._schemas: dict[str, int] = {}
         self._channels: dict[str, int] = {}
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.max_queued_bytes = max_queued_bytes  # a slow disk must not fill the memory with images
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.partial.exists():  # left by a killed session for the same episode number: keep it aside
             os.replace(self.partial, self.path.with_name(f"{self.path.stem}.incomplete-{os.getpid()}-"
@@ -131,6 +135,11 @@ class BagWriter:
 
         item = (topic, type_name_of(msg), serialize_message(msg), int(log_time_ns),
                 int(publish_time_ns if publish_time_ns is not None else log_time_ns))
+        with self._bytes_lock:
+            if self._queued_bytes + len(item[2]) > self.max_queued_bytes:
+                raise RuntimeError(f"MCAP writer for {self.path} is {self._queued_bytes / 2**20:.0f} MiB behind "
+                                   "(disk too slow)")
+            self._queued_bytes += len(item[2])
         try:
             self._q.put(item, timeout=1.0)
         except queue.Full:
@@ -154,6 +163,8 @@ class BagWriter:
             if self._error is not None:
                 continue
             topic, type_name, data, t_log, t_pub = item
+            with self._bytes_lock:
+                self._queued_bytes -= len(data)
             try:
                 self._w.add_message(channel_id=self._channel(topic, type_name), log_time=t_log, data=data,
                                     publish_time=t_pub, sequence=seq)

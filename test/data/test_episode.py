@@ -123,3 +123,11 @@ def test_bag_round_trip_with_mcap_ros2(tmp_path):
     assert got["/teleop/ee_twist"][1].twist.linear.x == 0.05
     assert list(got["/cmd"][1].points[0].positions) == [0.1]
     assert got["/magma/tom"][1].markers[0].id == 3
+
+
+def test_stats_cli_errors_are_one_line(tmp_path, capsys):
+    from magma_ros.cli import main
+
+    assert main(["stats", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no meta/info.json" in err and "\n" not in err
