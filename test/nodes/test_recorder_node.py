@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 
 import pytest
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -82,6 +83,13 @@ def test_record_discard_record(nodes, rclpy_node, tmp_path):
     # a late subscriber gets the state (transient local)
     late = State(rclpy_node)
     assert rclpy_node.spin_until(lambda: late.text.startswith("idle: next episode 2"), 10.0), late.text
+    # Ctrl-C of the node while recording saves the episode (a clean exit loses nothing)
+    assert call(rclpy_node, "recorder/start").success
+    assert rclpy_node.spin_until(lambda: late.frames() >= 4, WAIT), late.text
+    nodes.stop(rec, sig=signal.SIGINT, timeout=60.0)
+    assert rec.returncode == 0, nodes.log(rec)
+    assert "shutdown: episode 2 saved" in nodes.log(rec)
+    assert read_info(root)["total_episodes"] == 3
 
 
 @pytest.mark.parametrize("out", ["/proc/magma_ros_unwritable"])
