@@ -51,7 +51,7 @@ def make_node():
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
     class RecorderNode(Node):
-        """ROS shell of :class:`RecorderCore`: subscriptions, the frame timer, services, state."""
+        """ROS shell of :class:`RecorderCore`: subscriptions, frames on image arrival, services, state."""
 
         def __init__(self):
             super().__init__("recorder")
@@ -60,7 +60,7 @@ def make_node():
             self.kin = Kinematics(r)
             self.core = RecorderCore(self.cfg, list(r.arm_joints), r.name)
             self.tty = sys.stdout.isatty()
-            # newest values (written by callbacks, read by the frame timer)
+            # newest values (written by the message callbacks, read when an image makes a frame)
             self.image = None  # (rgb, t_received) of the newest image
             self.q_t = -1e9  # [s] node time of the newest joint state
             self.last_frame_stamp = None  # image stamp [s] of the last recorded frame
@@ -72,11 +72,9 @@ def make_node():
             self.teleop_twist = np.zeros(6)
             self.teleop_twist_t = -1e9
             self.teleop_grip = None
-            self._index = {n: i for i, n in enumerate(r.arm_joints)}
             self._bad_image = ""
 
-            data = MutuallyExclusiveCallbackGroup()
-            self.data_group = data
+            data = MutuallyExclusiveCallbackGroup()  # message callbacks one at a time: no locks on the state
             rec = ReentrantCallbackGroup()
             self.pub_state = self.create_publisher(String, "recorder/state", latched)
             self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", 10)
