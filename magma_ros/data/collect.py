@@ -13,6 +13,7 @@ It is for tests and for a lab to check its set-up before a person sits down at t
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ class CollectPlan:
     policy_seconds: float = 2.0  # the policy drives this long after the episode starts
     teleop_seconds: float = 2.0  # then the operator holds the deadman and pushes the stick this long
     hold_seconds: float = 0.5  # deadman released (arm holds) before the episode is stopped
+    policy_frames: int = 5  # and at least this many frames recorded before the takeover (a slow sim
+    teleop_frames: int = 5  # runs behind the wall clock), and this many more under teleop
     stick: tuple[tuple[str, float], ...] = ()  # (axis name, value) pushed during teleop; default linear.x 0.6
     #                                          (its sign alternates per attempt so the arm stays near home)
     joy_rate: float = 20.0  # [Hz] Joy messages (joy_node's autorepeat_rate)
@@ -155,6 +158,10 @@ def collect(out: str | Path, plan: CollectPlan = CollectPlan(), robot: str = "fr
             joy.hold(button, False)
             time.sleep(max(0.25, 3.0 / plan.joy_rate))
 
+        def frames() -> int:
+            m = re.match(r"recording episode \d+: (\d+) frames", st["recorder"])
+            return int(m.group(1)) if m else -1
+
         def note(text: str) -> None:
             res.events.append(text)
             log(f"[collect] {text}")
@@ -170,6 +177,7 @@ def collect(out: str | Path, plan: CollectPlan = CollectPlan(), robot: str = "fr
                 wait("recording to start", lambda: st["recorder"].startswith("recording"), 30.0)
                 note(f"attempt {attempt}: {st['recorder']}")
                 time.sleep(plan.policy_seconds)
+                wait(f"{plan.policy_frames} frames", lambda: frames() >= plan.policy_frames, 60.0)
                 note(f"source before takeover: {st['source']}")
                 joy.hold("enable")
                 sign = 1.0 if attempt % 2 == 0 else -1.0  # back and forth: the arm stays near home
@@ -177,7 +185,10 @@ def collect(out: str | Path, plan: CollectPlan = CollectPlan(), robot: str = "fr
                     joy.axis(name, sign * v)
                 wait("teleop to take over", lambda: st["source"] == "teleop", 30.0)
                 note("teleop took over")
+                f0 = frames()
                 time.sleep(plan.teleop_seconds)
+                need = f0 + plan.teleop_frames
+                wait(f"{plan.teleop_frames} teleop frames", lambda n=need: frames() >= n, 60.0)
                 joy.release_all()
                 time.sleep(plan.hold_seconds)
                 discard = attempt in plan.discard
