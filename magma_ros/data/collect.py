@@ -51,6 +51,7 @@ class ScriptedJoy:
         self.axes = [0.0] * self.n
         self.buttons = [0] * self.n
         self.lock = threading.Lock()
+        self.sent = 0  # messages published so far
         self.pub = node.create_publisher(Joy, str(params.get("joy_topic", "joy")), 10)
         node.create_timer(1.0 / rate, self.publish)
 
@@ -61,6 +62,7 @@ class ScriptedJoy:
         with self.lock:
             m.axes, m.buttons = [float(a) for a in self.axes], [int(b) for b in self.buttons]
         self.pub.publish(m)
+        self.sent += 1
 
     def hold(self, button: str, down: bool = True) -> None:
         """Hold or release the button named in the device YAML (e.g. ``enable``, ``start_episode``)."""
@@ -153,10 +155,25 @@ def collect(out: str | Path, plan: CollectPlan = CollectPlan(), robot: str = "fr
                                f"'{st['source']}'); logs in {res.log_dir}")
 
         def press(button: str) -> None:
-            joy.hold(button)
-            time.sleep(max(0.25, 3.0 / plan.joy_rate))
-            joy.hold(button, False)
-            time.sleep(max(0.25, 3.0 / plan.joy_rate))
+            # held for 3 published messages, then released for 3 (not a wall time: on a loaded machine
+            # this process's own timer may publish late)
+            for down in (True, False):
+                joy.hold(button, down)
+                n = joy.sent + 3
+                wait(f"Joy messages with '{button}' {'held' if down else 'released'}", lambda n=n: joy.sent >= n, 30.0)
+
+        def press_until(button: str, what: str, pred, tries: int = 3, each: float = 15.0) -> None:
+            """Press ``button`` until ``pred`` holds: a press the teleop node missed under load is repeated,
+            as a person would (a repeated press is refused harmlessly when the first one did arrive)."""
+            for k in range(tries):
+                press(button)
+                try:
+                    wait(what, pred, each if k < tries - 1 else timeout)
+                    return
+                except RuntimeError:
+                    if k == tries - 1 or run.returncode is not None:
+                        raise
+                    note(f"no reaction to '{button}' yet: pressing it again")
 
         def frames() -> int:
             m = re.match(r"recording episode \d+: (\d+) frames", st["recorder"])
@@ -173,8 +190,7 @@ def collect(out: str | Path, plan: CollectPlan = CollectPlan(), robot: str = "fr
                 wait("the policy to drive", lambda: st["source"] == "policy")
             attempt = 0
             while len(res.episodes) < plan.episodes:
-                press("start_episode")
-                wait("recording to start", lambda: st["recorder"].startswith("recording"), 30.0)
+                press_until("start_episode", "recording to start", lambda: st["recorder"].startswith("recording"))
                 note(f"attempt {attempt}: {st['recorder']}")
                 time.sleep(plan.policy_seconds)
                 wait(f"{plan.policy_frames} frames", lambda: frames() >= plan.policy_frames, 60.0)
@@ -192,8 +208,8 @@ def collect(out: str | Path, plan: CollectPlan = CollectPlan(), robot: str = "fr
                 joy.release_all()
                 time.sleep(plan.hold_seconds)
                 discard = attempt in plan.discard
-                press("discard_episode" if discard else "stop_episode")
-                wait("the episode to end", lambda: st["recorder"].startswith(("idle", "error")), 60.0)
+                press_until("discard_episode" if discard else "stop_episode", "the episode to end",
+                            lambda: st["recorder"].startswith(("idle", "error")))
                 if st["recorder"].startswith("error"):
                     raise RuntimeError(st["recorder"])
                 note(f"attempt {attempt}: {'discarded' if discard else 'saved'}: {st['recorder']}")
@@ -201,8 +217,7 @@ def collect(out: str | Path, plan: CollectPlan = CollectPlan(), robot: str = "fr
                     info = read_info(res.dataset)
                     res.episodes.append({"episode_index": info["total_episodes"] - 1})
                 if with_policy:
-                    press("resume_policy")
-                    wait("the policy to drive again", lambda: st["source"] == "policy", 30.0)
+                    press_until("resume_policy", "the policy to drive again", lambda: st["source"] == "policy")
                 attempt += 1
         finally:
             stop.set()

@@ -67,7 +67,7 @@ def test_collect_policy_takeover_record_discard(ros_env, rclpy_node, tmp_path):
     ds = json.loads(got.stdout)
     lengths = [e["length"] for e in r.episodes]
     assert ds["num_episodes"] == 3 and [e["length"] for e in ds["episodes"]] == lengths
-    assert ds["num_frames"] == sum(lengths) and all(n >= 5 for n in lengths), lengths
+    assert ds["num_frames"] == sum(lengths) and all(n >= 10 for n in lengths), lengths  # plan: >= 5 + 5 frames
     assert ds["tasks"] == ["pick up the red block"]
     sent_arr, cmd_arr = np.stack(sent), np.stack(commands)
     sources = []
@@ -95,12 +95,12 @@ def test_collect_policy_takeover_record_discard(ros_env, rclpy_node, tmp_path):
                 first_teleop = t
                 cmd = dict(zip(m.ros_msg.joint_names, m.ros_msg.points[0].positions))
                 jump = np.abs(np.array([cmd[n] for n in robot.arm_joints]) - last_q).max()
-            elif m.channel.topic == "/safety/source" and m.ros_msg.data == "teleop" and first_teleop is not None:
-                switch_t = t if switch_t is None else switch_t
+            elif m.channel.topic == "/safety/source" and m.ros_msg.data == "teleop" and switch_t is None:
+                switch_t = t  # (DDS does not order topics: it may arrive before the command that caused it)
         assert first_teleop is not None and switch_t is not None, bag
         assert jump < 0.03, f"{bag.name}: teleop's first command is {jump:.3f} rad from the measured joints"
-        late = switch_t - first_teleop
-        assert late <= TELEOP_PERIOD, f"{bag.name}: source switched {late:.3f} s after the first teleop command"
+        late = abs(switch_t - first_teleop)
+        assert late <= TELEOP_PERIOD, f"{bag.name}: source switched {late:.3f} s from the first teleop command"
 
     # --- statistics in the policy's format
     stats = tmp_path / "stats.json"
