@@ -8,7 +8,7 @@ from glob import glob
 from setuptools import find_packages, setup
 
 PACKAGE = "magma_ros"
-NODES = ["safety", "servo", "policy", "camera", "sim", "tom_follower"]
+NODES = ["safety", "servo", "policy", "camera", "sim", "tom_follower", "teleop", "recorder"]
 
 
 def _files(pattern):
@@ -31,6 +31,7 @@ setup(
         (f"share/{PACKAGE}/config/sim", _files("config/sim/*.yaml")),
         (f"share/{PACKAGE}/config/stats", _files("config/stats/*.json")),
         (f"share/{PACKAGE}/config/controllers", _files("config/controllers/*.yaml")),
+        (f"share/{PACKAGE}/config/teleop", _files("config/teleop/*.yaml")),
     ],
     install_requires=["setuptools"],
     zip_safe=False,

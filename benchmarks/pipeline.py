@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     results = {}
     try:
         def up():
-            return probe.js_stamp is not None and probe.limits.count > 0
+            return probe.js_stamp is not None and probe.command_count > 0
 
         if not probe.wait_for(up, 120, alive=runner.running):
             print(f"graph did not come up (logs: {logs})", file=sys.stderr)

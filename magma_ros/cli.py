@@ -9,6 +9,8 @@ Subcommands::
     magma-ros make-tiny-checkpoint DIR [--seed N] [--size tiny|mid]
     MAGMA_ROS_TOKEN=... magma-ros serve --model PATH [--port 8765] [--host 127.0.0.1] [--ray] [--certfile C --keyfile K]
     magma-ros launch FILE [arg:=value ...]
+    magma-ros stats DATASET [--out stats.json]        (action statistics for the policy's stats:=)
+    magma-ros collect --sim --scripted --episodes N --out DIR [--discard 1] [--robot fr3]
 
 ``predict``, ``ask`` and ``ui`` print one JSON object on stdout (logs go to stderr). User mistakes print one line
 ``error: ...`` and exit with status 2.
@@ -93,6 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--mark-pattern", default=r"Mark:\s*(\d+)", help="regex (one group) reading the mark")
     ui.add_argument("--box-scale", type=float, default=1000.0, help="<box> coordinate grid (demo: 0..1000)")
     ui.add_argument("--point-scale", type=float, default=1.0, help="bare coordinates' range (demo: 0..1)")
+    stp = sub.add_parser("stats", help="Magma-convention action statistics of a recorded LeRobot dataset")
+    stp.add_argument("dataset", help="LeRobot dataset directory (e.g. OUT/lerobot)")
+    stp.add_argument("--out", default=None, help="also write the JSON here (load it with stats:=FILE)")
+    stp.add_argument("--name", default=None, help="statistics name (default: the dataset directory's)")
+    co = sub.add_parser("collect", help="headless collection in MuJoCo with a scripted gamepad")
+    co.add_argument("--sim", action="store_true", required=True, help="MuJoCo (the only mode; required)")
+    co.add_argument("--scripted", action="store_true", required=True,
+                    help="a scripted Joy operator (the only mode; required)")
+    co.add_argument("--episodes", type=int, default=3, help="episodes to save")
+    co.add_argument("--discard", default="", help="comma-separated attempt numbers (0-based) to discard")
+    co.add_argument("--out", required=True, help="session directory: OUT/lerobot and OUT/mcap")
+    co.add_argument("--robot", default="fr3", help="fr3 | panda | wx250s")
+    co.add_argument("--device", default="xbox", help="gamepad layout (config/teleop): xbox | ps5 | ps4")
+    co.add_argument("--no-policy", action="store_true", help="teleop only (no scripted policy before takeover)")
+    co.add_argument("--resume", action="store_true", help="append to the dataset in OUT/lerobot")
+    co.add_argument("--width", type=int, default=320, help="[px] camera width")
+    co.add_argument("--height", type=int, default=240, help="[px] camera height")
+    co.add_argument("--policy-seconds", type=float, default=2.0, help="[s] policy phase of each episode")
+    co.add_argument("--teleop-seconds", type=float, default=2.0, help="[s] teleop phase of each episode")
     for name, (_, help_) in PASSTHROUGH.items():
         sub.add_parser(name, help=help_, add_help=False)
     return ap
@@ -172,6 +193,41 @@ def cmd_ui(a) -> dict:
     return out
 
 
+def cmd_stats(a) -> dict:
+    from magma_ros.data.stats import action_stats
+
+    d = action_stats(a.dataset, name=a.name)
+    if a.out:
+        Path(a.out).write_text(json.dumps(d, indent=2) + "\n")
+    return d
+
+
+def cmd_collect(a) -> dict:
+    from magma_ros.data.collect import CollectPlan, collect
+
+    try:
+        discard = tuple(int(x) for x in a.discard.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--discard takes attempt numbers like '1' or '0,2', got '{a.discard}'") from None
+    if a.episodes < 1:
+        raise ConfigError("--episodes must be >= 1")
+    plan = CollectPlan(episodes=a.episodes, discard=discard, policy_seconds=a.policy_seconds,
+                       teleop_seconds=a.teleop_seconds)
+    try:
+        r = collect(a.out, plan, robot=a.robot, device=a.device, with_policy=not a.no_policy, width=a.width,
+                    height=a.height, resume=a.resume, log=lambda s: print(s, file=sys.stderr))
+    except RuntimeError as e:  # the graph did not do what the operator expected: say what, and where the logs are
+        raise ConfigError(f"collect: {e}") from None
+    for e in r.episodes:
+        print(f"episode {e['episode_index']}: {e['length']} frames", file=sys.stderr)
+    print(f"LeRobot dataset: {r.dataset}\nMCAP bags: {r.mcap}", file=sys.stderr)
+    return {"dataset": str(r.dataset), "mcap": str(r.mcap), "episodes": r.episodes,
+            "bags": sorted(str(p) for p in r.mcap.glob("*.mcap")), "events": r.events}
+
+
+COMMANDS = {"predict": cmd_predict, "ask": cmd_ask, "ui": cmd_ui, "stats": cmd_stats, "collect": cmd_collect}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:
@@ -190,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
-        out = {"predict": cmd_predict, "ask": cmd_ask, "ui": cmd_ui}[a.cmd](a)
+        out = COMMANDS[a.cmd](a)
     except (ConfigError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2

@@ -200,6 +200,8 @@ IMPORT_SOURCES = {
     "torch": "pip:torch", "torchvision": "pip:torchvision", "transformers": "pip:transformers", "timm": "pip:timm",
     "safetensors": "pip:safetensors", "tokenizers": "pip:tokenizers", "huggingface_hub": "pip:huggingface-hub",
     "mujoco": "pip:mujoco", "pyrealsense2": "pip:pyrealsense2", "imageio": "pip:imageio",
+    "cv2": "rosdep:python3-opencv", "av": "pip:av", "pyarrow": "pip:pyarrow", "mcap": "pip:mcap-ros2-support",
+    "websockets": "pip:websockets", "ray": "optional",
     "franka_msgs": "optional", "torchao": "optional", "bitsandbytes": "optional",
 }
 

@@ -71,11 +71,11 @@ def test_tom_source_drives_the_arm_along_a_3d_path(nodes):
         assert np.linalg.norm(trail - home_tcp, axis=1).max() > 0.1  # it really went along the path
         assert dev.max() < TOL, f"max deviation {dev.max() * 1000:.2f} mm\n{nodes.dump()}"
         assert np.linalg.norm(trail[-1] - end) < TOL
-        assert probe.limits.count > 20 and not probe.limits.violations, probe.limits.violations[:5]
+        assert probe.command_count > 20 and not probe.limits.violations, probe.limits.violations[:5]
         # from the first command to the end of the path the safety node never had to hold
         driving = probe.states[n0:n1]
         assert driving and driving[-1] == "ok" and all(not s.startswith("holding") for s in driving[1:]), driving
         print(f"tom path: max deviation {dev.max() * 1000:.2f} mm, end error "
-              f"{np.linalg.norm(trail[-1] - end) * 1000:.2f} mm, {probe.limits.count} controller commands")
+              f"{np.linalg.norm(trail[-1] - end) * 1000:.2f} mm, {probe.command_count} controller commands")
     finally:
         probe.close()
