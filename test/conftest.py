@@ -12,6 +12,14 @@ from pathlib import Path
 
 import pytest
 
+# triton (imported by torch._dynamo, e.g. through torchvision) segfaults in its module init when it is
+# first imported after a MuJoCo EGL context exists in the process (test/core renders the sim before
+# test/model loads the model): import it first. It is part of the torch CUDA wheel.
+try:
+    import triton  # noqa: F401
+except ImportError:  # a torch build without triton
+    pass
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
