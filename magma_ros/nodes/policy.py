@@ -139,7 +139,7 @@ def build_policy(cfg: PolicyNodeConfig):
 
 
 def _set_torch_threads(n: int) -> None:
-    """``torch.set_num_threads(n)`` when n > 0 and torch is importable (the scripted policy needs no torch)."""
+    """``torch.set_num_threads(n)`` when n > 0 and torch is importable."""
     if n <= 0:
         return
     try:
@@ -198,7 +198,8 @@ def make_node():
             super().__init__("policy")
             self.cfg: PolicyNodeConfig = declare_config(self, PolicyNodeConfig)
             self.base_link = load_robot(self.cfg.robot).base_link
-            _set_torch_threads(self.cfg.torch_threads)
+            if self.cfg.policy == "local":
+                _set_torch_threads(self.cfg.torch_threads)
             self.policy, self.step_period = build_policy(self.cfg)
             self.twist_pub = self.create_publisher(TwistStamped, "magma/ee_twist", 10)
             self.grip_pub = self.create_publisher(Float64, "magma/gripper", 10)
