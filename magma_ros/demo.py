@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tom-rate", type=float, default=0.5, help="[Hz] ToM plans (0: off)")
     ap.add_argument("--timeout", type=float, default=600.0, help="[s] give up after this long")
     ap.add_argument("--verbose", action="store_true", help="show every node's output")
+    ap.add_argument("--compose", action="store_true", help="all nodes in one process (launch arg compose:=true)")
     a = ap.parse_args(argv)
 
     def on_term(signum, _frame):  # stop the graph (children run in their own process groups)
@@ -476,11 +477,11 @@ def _run(a) -> int:
     shutil.rmtree(log_dir, ignore_errors=True)
     args = {"robot": a.robot, "policy": "local", "model": model, "constrained": constrained,
             "instruction": a.instruction, "controller": a.controller, "tom_rate": str(a.tom_rate),
-            "use_sim_time": "true"}
+            "use_sim_time": "true", **({"compose": "true"} if a.compose else {})}
     robot = load_robot(a.robot)
     probe = GraphProbe(a.robot, a.controller, video=video)
     runner = LaunchRunner("sim.launch.yaml", args, log_dir=log_dir, echo=a.verbose,
-                          required=("sim", "safety", "servo", "policy"))
+                          required=("magma_ros_compose",) if a.compose else ("sim", "safety", "servo", "policy"))
     _say(f"starting sim, safety, servo, policy ({a.robot}, controller {a.controller}); logs in {log_dir}")
     t_start = time.monotonic()
     runner.start()
