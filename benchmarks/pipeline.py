@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compose", action="store_true", help="all nodes in one process (launch arg compose:=true)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
+    ap.add_argument("--nodes-from", default="", help="run the nodes from this checkout (PYTHONPATH of the node "
+                    "processes), e.g. the commit before a change, for a before/after comparison in one run")
     a = ap.parse_args(argv)
 
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 200)))
@@ -83,7 +85,8 @@ def main(argv=None) -> int:
     if a.compose:
         args["compose"] = "true"
     logs = Path(tempfile.mkdtemp(prefix="magma_pipeline_"))
-    runner = LaunchRunner("sim.launch.yaml", args, log_dir=logs, echo=False,
+    env = dict(os.environ, PYTHONPATH=str(Path(a.nodes_from).resolve())) if a.nodes_from else None
+    runner = LaunchRunner("sim.launch.yaml", args, env=env, log_dir=logs, echo=False,
                           required=("magma_ros_compose",) if a.compose else ("sim", "safety", "servo", "policy"))
     runner.start()
     results = {}
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
     where = ("all nodes in ONE process (compose:=true)" if a.compose else "all nodes in separate processes")
     cam = f"rendering its camera at {a.camera_fps:g} fps" if a.camera_fps > 0 else "rendering off"
     md = [f"Pipeline latency, {a.robot}, scripted policy (no model time), jtc controller, MuJoCo sim {cam}, "
-          f"{where} over Fast DDS (LARGE_DATA, localhost), one "
+          f"{where} over Fast DDS (LARGE_DATA, localhost)"
+          + (f", nodes from {a.nodes_from}" if a.nodes_from else "") + ", one "
           f"rgb8 image every {a.period:g} s on the policy's image topic.",
           f"Machine: {machine()}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
           f"(1/5/15 min) before the run, {end_load[0]:.1f} after — other jobs on this host inflate every figure.",
