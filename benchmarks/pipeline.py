@@ -90,7 +90,7 @@ def main(argv=None) -> int:
                           required=("magma_ros_compose",) if a.compose else ("sim", "safety", "servo", "policy"))
     runner.start()
     results = {}
-    cpu = {}
+    cpu, rtf = {}, float("nan")
     try:
         def up():
             return probe.js_stamp is not None and probe.limits.count > 0
@@ -99,13 +99,15 @@ def main(argv=None) -> int:
             print(f"graph did not come up (logs: {logs})", file=sys.stderr)
             return 1
         from magma_ros.demo import process_cpu_seconds
+        from magma_ros.nodes._common import to_seconds
 
         cpu0 = {k: process_cpu_seconds(p.pid) for k, p in runner.processes.items()}
-        t_cpu = time.monotonic()
+        t_cpu, sim0 = time.monotonic(), to_seconds(probe.js_stamp)
         for w, h in sizes:
             results[(w, h)] = measure(probe, pub, joint_cmds, runner, w, h, a.samples, a.period)
-        span = time.monotonic() - t_cpu
+        span, sim_span = time.monotonic() - t_cpu, to_seconds(probe.js_stamp) - sim0
         cpu = {k: (process_cpu_seconds(p.pid) - cpu0[k]) / span for k, p in runner.processes.items()}
+        rtf = sim_span / span
     finally:
         runner.stop()
         probe.close()
@@ -118,7 +120,9 @@ def main(argv=None) -> int:
           f"rgb8 image every {a.period:g} s on the policy's image topic.",
           f"Machine: {machine()}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
           f"(1/5/15 min) before the run, {end_load[0]:.1f} after — other jobs on this host inflate every figure.",
-          "CPU while measuring [% of one core]: " + ", ".join(f"{k} {100 * v:.0f}" for k, v in cpu.items()) + ".", ""]
+          f"Sim real-time factor while measuring {rtf:.2f}; CPU [% of one core, per wall second]: "
+          + ", ".join(f"{k} {100 * v:.0f}" for k, v in cpu.items())
+          + "; per sim second: " + ", ".join(f"{k} {100 * v / rtf:.0f}" for k, v in cpu.items()) + ".", ""]
     for (w, h), (stages, misses, reasons) in results.items():
         md.append(f"{w}x{h}: {len(stages['total'])} images timed, {misses} gave no new command within 5 s"
                   + (" (" + "; ".join(f"{k}: {v}" for k, v in reasons.items()) + ")" if reasons else "") + ".")
@@ -140,7 +144,7 @@ def main(argv=None) -> int:
 
         Path(a.json).write_text(json.dumps({
             "load_before": load, "load_after": end_load, "compose": a.compose, "camera_fps": a.camera_fps,
-            "cpu_fraction": cpu, "sizes": {f"{w}x{h}": {"misses": m, "stages": {
+            "cpu_fraction": cpu, "rtf": rtf, "sizes": {f"{w}x{h}": {"misses": m, "stages": {
                 k: {"p50": pct(v, 50), "p99": pct(v, 99), "max": pct(v, 100), "n": len(v)}
                 for k, v in st.items()}} for (w, h), (st, m, _r) in results.items()}}, indent=1))
     return 0
