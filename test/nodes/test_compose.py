@@ -29,7 +29,7 @@ def test_launch_option_compose_runs_the_same_nodes_in_one_process():
     assert [p.label for p in apart] == ["sim", "safety", "servo", "policy"]  # the default is unchanged
     (one,) = plan("sim.launch.yaml", dict(args, compose="true")).processes
     i = one.cmd.index("--ros-args")
-    assert one.cmd[i - 5:i] == ["magma_ros.nodes.compose", "sim", "safety", "servo", "policy"]
+    assert one.cmd[i - 5:i] == ["magma_ros.nodes.compose", "policy", "sim", "safety", "servo"]
     ros = one.cmd[i:]
     assert not any(a.startswith("__node:=") for a in ros)  # renaming would give all nodes one name
     assert "policy:camera/camera/color/image_raw:=bench/image_raw" in ros  # only the policy's input moves
