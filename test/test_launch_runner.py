@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from magma_ros.core.errors import ConfigError
+
 REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
 TALKER = {"magma_ros_test/talker": [sys.executable, str(HERE), "talker"]}
@@ -362,8 +364,12 @@ def test_real_and_collect_launch_plan():
     assert {s.label: s for s in p.processes}["policy"].parameters["model"] == "/models/magma"
     p = plan("real.launch.yaml", {"robot": "panda", "camera": "external"})
     assert "camera" not in [s.label for s in p.processes]
-    p = plan("collect.launch.yaml", {"robot": "fr3"})
-    assert {"safety", "sim"} <= {s.label for s in p.processes}
+    # the gamepad driver (package joy) is not installed here: as under ros2 launch, that is an error ...
+    with pytest.raises(ConfigError, match="package 'joy' not found"):
+        plan("collect.launch.yaml", {"robot": "fr3"})
+    # ... and driver:=false (your own joy publisher, or `magma-ros collect`'s scripted one) starts the rest
+    p = plan("collect.launch.yaml", {"robot": "fr3", "driver": "false"})
+    assert {"safety", "sim", "teleop", "recorder"} <= {s.label for s in p.processes}
 
 
 # ---------------------------------------------------------------------------------------------

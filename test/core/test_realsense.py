@@ -20,6 +20,9 @@ def test_every_camera_config_loads_with_a_proper_rotation(name):
     cam = load_camera_config(name)
     R = cam.rotation_optical()
     assert np.allclose(R @ R.T, np.eye(3), atol=1e-9) and np.linalg.det(R) == pytest.approx(1.0)
+    bases = {load_robot(r).base_link for r in ("fr3", "panda", "wx250s")}
+    if cam.parent_frame not in bases:  # eye-in-hand: its pose depends on the arm (test/core/test_tom3d.py)
+        return
     # the workspace (in front of the robot, on or above the table) is in front of the camera
     p = np.linalg.solve(cam.pose_optical(), np.array([0.35, 0.0, 0.1, 1.0]))[:3]
     assert p[2] > 0.2

@@ -88,7 +88,8 @@ def test_takeover_stop_holdback_and_handback(nodes, ros_env, tmp_path):
     nodes.start("policy", {"policy": "scripted", "robot": ROBOT, "step_period": 0.2, "image_timeout": 2.0,
                            "scripted_actions": SCRIPT, "scripted_loop": True, "instruction": "push the block",
                            **sim_time})
-    teleop = LaunchRunner("teleop.launch.yaml", {"device": "xbox", "robot": ROBOT, "use_sim_time": "true"},
+    teleop = LaunchRunner("teleop.launch.yaml", {"device": "xbox", "robot": ROBOT, "use_sim_time": "true",
+                                                              "driver": "false"},
                           env=ros_env, log_dir=tmp_path / "teleop_logs", echo=False)
     probe = GraphProbe(ROBOT, "jtc")
     kin = Kinematics(probe.robot)
