@@ -8,7 +8,7 @@ from glob import glob
 from setuptools import find_packages, setup
 
 PACKAGE = "magma_ros"
-NODES = ["safety", "servo", "policy", "camera", "sim", "tom_follower", "teleop", "recorder", "compose"]
+NODES = ["safety", "servo", "policy", "camera", "sim", "tom_follower", "teleop", "recorder"]
 
 
 def _files(pattern):

@@ -106,7 +106,6 @@ class GraphProbe:
         self.q_log: list[tuple[float, np.ndarray]] = []  # (wall time, q)
         self.commands: list[tuple[float, np.ndarray]] = []  # (wall time, q) at the controller topic
         self.twists: list[float] = []  # wall times of policy actions (magma/ee_twist)
-        self.twist_sim: list[float] = []  # [s] sim time (latest joint-state stamp) when each action arrived
         self.states: list[str] = []  # safety/state values in arrival order
         self.sources: list[str] = []
         self.safety_diag: list[tuple[int, str]] = []  # (level, message) changes of the safety node
@@ -178,11 +177,8 @@ class GraphProbe:
         msg_type = {"jtc": JointTrajectory, "forward": Float64MultiArray, "isaac": JointState}[controller]
         cb = {"jtc": on_traj, "forward": on_forward, "isaac": on_isaac}[controller]
         n.create_subscription(msg_type, topic, cb, 100)
-        def on_twist(m):
-            self.twist_sim.append(to_seconds(self.js_stamp) if self.js_stamp is not None else float("nan"))
-            self.twists.append(time.monotonic())
-
-        n.create_subscription(TwistStamped, "magma/ee_twist", on_twist, 10)
+        n.create_subscription(TwistStamped, "magma/ee_twist", lambda m: self.twists.append(time.monotonic()),
+                              10)
         n.create_subscription(String, "safety/state", lambda m: self.states.append(m.data), latched)
         n.create_subscription(String, "safety/source", lambda m: self.sources.append(m.data), latched)
         n.create_subscription(DiagnosticArray, "diagnostics", on_diag, 50)
@@ -349,29 +345,6 @@ class GraphProbe:
         self._thread.join(2)
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time [s] a process has used so far (Linux ``/proc``); nan where unreadable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
-def step_rate(wall: list[float], sim: list[float]) -> tuple[float, float, float]:
-    """(rate in sim time [Hz], rate in wall time [Hz], real-time factor) of actions received at ``wall``
-    (monotonic seconds) and ``sim`` (the sim clock at the same moments); nan where undefined.
-
-    The sim-time rate is what the arm experiences; with a real-time factor below 1 (a slow or busy
-    host) the wall rate is lower by that factor while the policy still keeps its step.
-    """
-    nan = float("nan")
-    if len(wall) < 2 or len(sim) != len(wall):
-        return nan, nan, nan
-    n, dw, ds = len(wall) - 1, wall[-1] - wall[0], sim[-1] - sim[0]
-    return (n / ds if ds > 0 else nan), (n / dw if dw > 0 else nan), (ds / dw if dw > 0 else nan)
-
-
 def _ros_defaults() -> int | None:
     """Isolate the demo on this host unless the user chose a ROS domain; returns the domain picked."""
     os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
@@ -399,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tom-rate", type=float, default=0.5, help="[Hz] ToM plans (0: off)")
     ap.add_argument("--timeout", type=float, default=600.0, help="[s] give up after this long")
     ap.add_argument("--verbose", action="store_true", help="show every node's output")
-    ap.add_argument("--compose", action="store_true", help="all nodes in one process (launch arg compose:=true)")
     a = ap.parse_args(argv)
 
     def on_term(signum, _frame):  # stop the graph (children run in their own process groups)
@@ -450,11 +422,11 @@ def _run(a) -> int:
     shutil.rmtree(log_dir, ignore_errors=True)
     args = {"robot": a.robot, "policy": "local", "model": model, "constrained": constrained,
             "instruction": a.instruction, "controller": a.controller, "tom_rate": str(a.tom_rate),
-            "use_sim_time": "true", **({"compose": "true"} if a.compose else {})}
+            "use_sim_time": "true"}
     robot = load_robot(a.robot)
     probe = GraphProbe(a.robot, a.controller, video=video)
     runner = LaunchRunner("sim.launch.yaml", args, log_dir=log_dir, echo=a.verbose,
-                          required=("magma_ros_compose",) if a.compose else ("sim", "safety", "servo", "policy"))
+                          required=("sim", "safety", "servo", "policy"))
     _say(f"starting sim, safety, servo, policy ({a.robot}, controller {a.controller}); logs in {log_dir}")
     t_start = time.monotonic()
     runner.start()
@@ -468,7 +440,6 @@ def _run(a) -> int:
         _say(f"first action after {t_first - t_start:.1f} s (model load + first inference); "
              f"instruction: '{a.instruction}'")
         n0 = len(probe.twists)
-        cpu0 = _graph_cpu(runner)
         last_report = time.monotonic()
         while len(probe.twists) < a.steps:
             if not alive():
@@ -481,7 +452,7 @@ def _run(a) -> int:
                 _say(f"  step {len(probe.twists)}/{a.steps}")
                 last_report = time.monotonic()
             time.sleep(0.05)
-        cpu1 = _graph_cpu(runner)
+        t_end = probe.twists[a.steps - 1]
         if a.tom_rate > 0 and not probe.has_tom:  # ToM runs only in the actions' slack: give it time
             _say("waiting up to 60 s for a ToM plan (it runs at low priority, between actions)")
             probe.wait_for(lambda: probe.has_tom, 60, alive=alive)
@@ -490,8 +461,7 @@ def _run(a) -> int:
         runner.stop()
         probe.close()
     steps = a.steps
-    sim_hz, wall_hz, rtf = step_rate(probe.twists[n0 - 1:steps], probe.twist_sim[n0 - 1:steps])
-    cpu = {k: (cpu1[k] - cpu0[k]) / max(steps - n0, 1) for k in cpu0 if k in cpu1}  # [s] per step
+    rate = (steps - n0) / (t_end - t_first) if t_end > t_first and steps > n0 else float("nan")
     if probe.tom_image is not None:
         import imageio.v2 as imageio
 
@@ -507,10 +477,7 @@ def _run(a) -> int:
         f"model            {model}" + ("  (RANDOM WEIGHTS: meaningless actions)" if constrained == "true"
                                            else ""),
         f"steps            {steps} policy actions (magma/ee_twist)",
-        f"control rate     {sim_hz:.2f} Hz achieved in sim time (the arm's clock; step period 0.2 s = 5 Hz "
-        f"target); {wall_hz:.2f} Hz wall, real-time factor {rtf:.2f}",
-        "cpu per step     " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in cpu.items())
-        + f" (total {1e3 * sum(cpu.values()):.0f} ms; load average {os.getloadavg()[0]:.1f})",
+        f"control rate     {rate:.2f} Hz achieved (policy step period 0.2 s = 5 Hz target)",
         f"controller cmds  {probe.command_count} at /{controller_topic(robot, a.controller)}, "
         f"{len(audit.violations)} outside limits (position, velocity, acceleration on real elapsed time)",
         f"arm motion       {moved:.3f} rad largest joint excursion",
@@ -525,13 +492,6 @@ def _run(a) -> int:
     for v in audit.violations[:5]:
         _say(f"LIMIT VIOLATION {v}")
     return 0 if ok and not audit.violations else 1
-
-
-def _graph_cpu(runner) -> dict[str, float]:
-    """CPU seconds used so far by each process of the graph and by this one (probe, video)."""
-    out = {label: process_cpu_seconds(p.pid) for label, p in runner.processes.items()}
-    out["demo"] = process_cpu_seconds(os.getpid())
-    return out
 
 
 def _fail(runner) -> int:

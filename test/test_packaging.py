@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PKG = "magma_ros"
-NODES = ("safety", "servo", "policy", "camera", "sim", "tom_follower", "teleop", "recorder", "compose")
+NODES = ("safety", "servo", "policy", "camera", "sim", "tom_follower", "teleop", "recorder")
 REQUIRED_EXEC_DEPENDS = ("rclpy", "sensor_msgs", "geometry_msgs", "trajectory_msgs", "std_msgs", "std_srvs",
                          "visualization_msgs", "diagnostic_msgs", "nav_msgs", "rosgraph_msgs")
 # What a build needs from the source tree (everything else — tests, venv, caches — stays behind).

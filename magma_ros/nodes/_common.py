@@ -3,8 +3,7 @@
 - :func:`declare_config` declares one ROS parameter per field of a component's config dataclass
   and parses the values back into that dataclass (the one place parameters are parsed).
 - :func:`run_node` is the standard skeleton: ``rclpy.init`` context, a multithreaded executor,
-  clean exit on Ctrl-C / external shutdown, and one-line errors for user mistakes;
-  :func:`run_nodes` runs several nodes in one process on one executor (``nodes/compose.py``).
+  clean exit on Ctrl-C / external shutdown, and one-line errors for user mistakes.
 - :func:`diagnostic_array` builds the one-status ``diagnostics`` message every node publishes.
 """
 
@@ -13,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 from magma_ros.core.errors import ConfigError
 
@@ -141,18 +140,6 @@ def run_node(make_node: Callable[[], object], args=None, threads: int = 2) -> in
     thread, so the node's ``close()`` stops its worker threads while the context is still valid
     (a worker publishing into a shut-down context would raise), then the context shuts down.
     """
-    return run_nodes([make_node], args=args, threads=threads)
-
-
-def run_nodes(makers: Sequence[Callable[[], object]], args=None, threads: int = 2,
-              share_clock: bool = False) -> int:
-    """Run several nodes in this process on one MultiThreadedExecutor (see :func:`run_node`).
-
-    Each node keeps its own callback groups (a node's default group is mutually exclusive, so its
-    callbacks never overlap; different nodes' may). ``share_clock``: the nodes that follow
-    ``/clock`` (use_sim_time) share the first one's subscription instead of one each.
-    Nodes are built in order and closed in reverse order.
-    """
     import signal
 
     import rclpy
@@ -165,16 +152,12 @@ def run_nodes(makers: Sequence[Callable[[], object]], args=None, threads: int = 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    nodes: list = []
+    node = None
     executor = None
     try:
-        for make in makers:
-            nodes.append(make())
-        if share_clock:
-            share_time_source(nodes)
+        node = make_node()
         executor = MultiThreadedExecutor(num_threads=threads)
-        for node in nodes:
-            executor.add_node(node)
+        executor.add_node(node)
         while rclpy.ok():  # short waits: the SIGINT/SIGTERM handler runs between them
             executor.spin_once(timeout_sec=0.1)
     except ConfigError as e:
@@ -187,7 +170,7 @@ def run_nodes(makers: Sequence[Callable[[], object]], args=None, threads: int = 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if executor is not None:
             _drain(executor)
-        for node in reversed(nodes):
+        if node is not None:
             close = getattr(node, "close", None)
             if callable(close):
                 try:
@@ -197,7 +180,7 @@ def run_nodes(makers: Sequence[Callable[[], object]], args=None, threads: int = 
         if executor is not None:
             _join_workers(executor)
             executor.shutdown(timeout_sec=1.0)
-        for node in reversed(nodes):
+        if node is not None:
             node.destroy_node()
         if rclpy.ok():
             rclpy.try_shutdown()
@@ -234,22 +217,3 @@ def _join_workers(executor) -> None:
             err = None
         if err is not None:
             print(f"[magma_ros] error in a callback at shutdown: {type(err).__name__}: {err}", file=sys.stderr)
-
-
-def share_time_source(nodes: Sequence) -> int:
-    """Let the use_sim_time nodes of one process share one ``/clock`` subscription.
-
-    rclpy gives every node its own TimeSource, i.e. its own ``/clock`` subscription whose Python
-    callback runs for every message. Here the first sim-time node's TimeSource drives the other
-    nodes' clocks (``TimeSource.attach_clock``) and theirs are detached. Returns how many
-    subscriptions were saved; 0 (nothing changed) unless at least two nodes follow ``/clock``.
-    """
-    sim = [n for n in nodes if n.get_parameter("use_sim_time").value is True
-           and getattr(n, "_time_source", None) is not None]
-    if len(sim) < 2:
-        return 0
-    primary = sim[0]._time_source
-    for n in sim[1:]:
-        n._time_source.detach_node()  # its clock keeps the last /clock value until the primary's next
-        primary.attach_clock(n.get_clock())
-    return len(sim) - 1

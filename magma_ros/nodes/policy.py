@@ -56,15 +56,9 @@ class PolicyNodeConfig:
     image_qos: str = "reliable"
     instruction: str = ""  # initial instruction (magma/instruction overrides it)
     device: str = ""  # local: "cuda", "cuda:1", "cpu"; "" = GPU when present, else CPU
-    # torch intra-op threads (torch.set_num_threads); 0 = torch's default (one per core). Beside the sim,
-    # servo and safety processes on a small CPU host, more than 1 makes OpenMP workers wait for cores
-    # (measured on 2 shared cores: 1 thread 59 ms CPU per tiny step, 2 threads 625 ms)
-    torch_threads: int = 1
     tom_rate: float = 0.0  # [Hz] Trace-of-Mark plans (local policy only); 0 = off
     tom_marks: int = 10  # marks placed per ToM plan
     tom_max_tokens: int = 256  # ToM answer length cap (tokens); bounds one plan's cost
-    tom_max_duty: float = 0.25  # at most this fraction of wall time goes to ToM plans (they compete with
-    #                             the action loop for cores and the interpreter lock); 1 = no cap
     tom_shared: bool = False  # False: ToM gets its own model instance (never waits for/blocks actions;
     #                           twice the memory); True: share the action model, plans start only
     #                           while the action loop is idle and the last plan fits in the slack
@@ -184,17 +178,6 @@ def build_policy(cfg: PolicyNodeConfig, namespace: str = "/"):
     return pol, float(period)
 
 
-def _set_torch_threads(n: int) -> None:
-    """``torch.set_num_threads(n)`` when n > 0 and torch is importable."""
-    if n <= 0:
-        return
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.set_num_threads(int(n))
-
-
 def make_tom_planner(policy, n_marks: int, max_tokens: int, first_mark=None):
     """A ``plan(frame, instruction) -> TomResult`` over ``policy.predict_tom``.
 
@@ -258,8 +241,6 @@ def make_node():
             self.tom_mode = self.cfg.action_source == "tom"
             if self.tom_mode and not (self.cfg.tom_rate > 0 and self.cfg.tom_3d):
                 raise ConfigError("action_source:=tom follows ToM plans in 3-D: it needs tom_rate > 0 and tom_3d:=true")
-            if self.cfg.policy == "local":
-                _set_torch_threads(self.cfg.torch_threads)
             self.policy, self.step_period = build_policy(self.cfg, self.get_namespace())
             self._side = None  # a second model instance for ToM / questions (never the action model)
             self._side_lock = threading.Lock()
@@ -284,8 +265,7 @@ def make_node():
                 planner = make_tom_planner(tom_policy, self.cfg.tom_marks, self.cfg.tom_max_tokens, first)
                 self.tom = TomWorker(planner, self.cfg.tom_rate, self.publish_tom,
                                      lambda: self.loop.instruction, self.loop.busy if shared else None,
-                                     self.report, slack=self.loop.slack if shared else None,
-                                     max_duty=self.cfg.tom_max_duty)
+                                     self.report, slack=self.loop.slack if shared else None)
             self._init_tom_3d()
             self._init_ask()
             cb = MutuallyExclusiveCallbackGroup()
