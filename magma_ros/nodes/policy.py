@@ -424,7 +424,13 @@ def make_node():
                 mk.points = [Point(x=float(x), y=float(y), z=float(z)) for x, y, z in tr.points]
                 arr.markers.append(mk)
             self.markers3d_pub.publish(arr)
-            path = plan.trace(1) if gripper else max(plan.traces, key=lambda t: len(t.points), default=None)
+            if gripper:
+                path = plan.trace(1)
+            elif self.cfg.tom_gripper_mark:  # the gripper's mark was not placed (no joint states yet, TCP out
+                self._tom3d_note = "gripper not located in the frame: no path"  # of view): no path of
+                return  # another mark's trace passed off as the gripper's
+            else:
+                path = max(plan.traces, key=lambda t: len(t.points), default=None)
             if path is None or len(path.points) == 0:
                 return
             pts = path.points.copy()

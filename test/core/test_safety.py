@@ -233,8 +233,13 @@ def test_every_output_within_limits(case, seed, controller, timing):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events(), st.integers(0, 2**32 - 1), st.sampled_from(TIMINGS))
 def test_bad_messages_change_nothing(case, seed, timing):
-    """The same stream with and without interleaved bad messages produces identical outputs."""
+    """The same stream with and without interleaved bad messages produces identical outputs.
+
+    Bad messages come from the policy here: a teleop message, even a rejected one, is evidence that
+    the deadman is held, so it keeps the teleop session alive (a stream held through a reset is not a
+    new press; see test_rejected_teleop_messages_keep_the_session_alive)."""
     robot, q0, evs = case
+    evs = [(e[0], e[1], "policy") if e[0] == "bad" else e for e in evs]
     a, _ = run(robot, q0, evs, np.random.default_rng(seed), check=False, bad=True, timing=timing)
     b, _ = run(robot, q0, evs, np.random.default_rng(seed), check=False, bad=False, timing=timing)
     assert len(a) == len(b)
@@ -580,6 +585,30 @@ def test_after_a_reset_only_a_new_teleop_session_starts_motion():
     assert f.on_command("teleop", r.arm_joints, [f.q + 0.1], [0.3], 0.0, t).accepted
     assert not chk.check(t, f.step(t))
     assert f.source == "teleop"
+
+
+@pytest.mark.parametrize("kind", ["nan", "short", "unknown", "stale"])
+def test_rejected_teleop_messages_keep_the_session_alive(kind):
+    """A teleop device that streams through the e-stop and the reset, even messages the filter rejects,
+    is still the same press of the deadman: its next valid command after the reset does not start
+    motion (ISO 13850); only silence for longer than command_timeout ends the session."""
+    r, f, t, chk = moving_filter()
+    f.estop(t)
+    t = brake_to_standstill(r, f, t, chk)
+    for _ in range(15):
+        t += DT
+        f.on_joint_state(r.arm_joints, f.q, t)
+        names, pts, times, stamp = bad_command(f, kind, f.q)
+        assert not f.on_command("teleop", names, pts, times, t + stamp if stamp else 0.0, t).accepted
+        assert not chk.check(t, f.step(t))
+    assert f.reset(t)[0]
+    names, pts, times, stamp = bad_command(f, kind, f.q)
+    assert not f.on_command("teleop", names, pts, times, t + stamp if stamp else 0.0, t).accepted
+    v = f.on_command("teleop", r.arm_joints, [f.q + 0.1], [0.2], 0.0, t + DT)
+    assert not v.accepted and "deadman" in v.reason
+    t += 0.6  # released: silent for longer than command_timeout
+    f.on_joint_state(r.arm_joints, f.q, t)
+    assert f.on_command("teleop", r.arm_joints, [f.q + 0.1], [0.3], 0.0, t).accepted
 
 
 @pytest.mark.parametrize("controller", ["jtc", "isaac"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -35,6 +37,7 @@ class Probe:
         self.q = rb.home.copy()
         self.finger = 0.04
         self.sim_time = sim_time
+        self._wall = -1.0  # monotonic time of the last tick
         self.cmds: list = []
         self.js_pub = node.create_publisher(JointState, rb.joint_states_topic, 10)
         self.tw_pub = node.create_publisher(TwistStamped, "magma/ee_twist", 10)
@@ -53,9 +56,17 @@ class Probe:
         return self.node.get_clock().now().nanoseconds * 1e-9
 
     def tick(self):
+        """A 200 Hz driver: joint states (and /clock, advancing at the wall clock's rate) every 5 ms.
+
+        ``wait`` calls this for every predicate check, many times per millisecond while it drains its
+        queue; advancing the sim clock per call would run it tens of times faster than real time."""
+        wall = time.monotonic()
+        if self._wall >= 0 and wall - self._wall < 0.005:
+            return
         if self.sim_time is not None:
-            self.sim_time += 0.005
+            self.sim_time += wall - self._wall if self._wall >= 0 else 0.005
             self.clock_pub.publish(self._C(clock=stamp_of(self.sim_time)))
+        self._wall = wall
         m = self._JS()
         m.header.stamp = stamp_of(self.now())
         m.name = list(self.rb.arm_joints) + [self.rb.gripper.joint]
