@@ -20,6 +20,15 @@ try:
 except ImportError:  # a torch build without triton
     pass
 
+from hypothesis import settings as _hyp_settings
+
+# Property tests draw the same examples on every run by default (a CI gate must not pass or fail by
+# the luck of a random seed); HYPOTHESIS_PROFILE=explore draws fresh random examples on each run to
+# search for new counterexamples (benchmarks/safety.py also fuzzes the safety core at random).
+_hyp_settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True)
+_hyp_settings.register_profile("explore", derandomize=False, print_blob=True)
+_hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -98,6 +98,9 @@ class SafetyConfig:
     jtc_braking_tail: bool = True  # jtc: append a braking-to-standstill tail to every message
     jtc_stamp: str = "tick"  # jtc: header stamp = the step time (controller on the node's clock) | zero
     #                          ("start on arrival": a controller on another, unsynchronized clock)
+    late_tick: float = 0.5  # [periods] forward/isaac: stopping distances allow every later output to come
+    #                         this much late (scheduler jitter); a later one still keeps the position
+    #                         limits and may exceed the acceleration limit near a bound (docs/safety.md)
     max_output_gap: float = 0.05  # [s] forward/isaac: a longer gap between outputs (the node was not
     #                               scheduled) is an interruption: the controller held, restart at rest
     following_error: bool = True  # hold when the measured arm departs from its command (robot YAML
@@ -121,7 +124,7 @@ class SafetyConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and 0 < v <= 1):
                 raise ConfigError(f"safety: '{name}' must be in (0, 1], got {v}")
-        for name in ("max_step", "future_tolerance"):
+        for name in ("max_step", "future_tolerance", "late_tick"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"safety: '{name}' must be >= 0, got {v}")
@@ -200,15 +203,32 @@ class _Command:
         return self.points[i - 1] + f * (self.points[i] - self.points[i - 1])
 
 
-def brake_speed(d: np.ndarray, a: np.ndarray, dt: float, first: float | None = None) -> np.ndarray:
+def brake_speed(d: np.ndarray, a: np.ndarray, dt: float, first: float | None = None,
+                stretch: float = 1.0) -> np.ndarray:
     """Largest speed v >= 0 such that moving ``v * first`` now (default: one period ``dt``) and then
-    braking by ``a * dt`` per period (the last step to exactly zero) travels at most ``d`` in total.
-    Exact for the discrete motion; the one stopping-distance formula of the filter.
+    braking travels at most ``d`` in total. The braking follows the velocity-change rule of the filter
+    and of the audit: the first change after a piece of duration ``first`` is at most ``a *
+    min(first, dt)``, every later one ``a * dt``, after pieces that last up to ``stretch * dt`` each
+    (a set-point stream whose ticks may come late; 1: exactly one period), the last step to exactly
+    zero. Exact for the discrete motion; the one stopping-distance formula of the filter.
 
-    With u = v / (a dt), rho = first / dt, n = floor(u): distance / (a dt^2) = u (rho + n) - n (n + 1) / 2.
+    With m = min(first, dt) and v = a m + u (u > 0): v first + stretch * dist(u) <= d, where dist(u)
+    is the distance of moving u for one period and shedding a dt per period after that.
     """
     d = np.maximum(d, 0.0)
-    rho = 1.0 if first is None else max(float(first), 0.0) / dt
+    f = dt if first is None else max(float(first), 0.0)
+    if f <= 0.0:
+        return _brake_speed_periods(d / stretch, a, dt, 0.0)
+    am = a * min(f, dt)
+    u = _brake_speed_periods(np.maximum(d - am * f, 0.0) / stretch, a, dt, f / (stretch * dt) + 1.0)
+    return np.where(d <= am * f, d / f, am + u)
+
+
+def _brake_speed_periods(d: np.ndarray, a: np.ndarray, dt: float, rho: float) -> np.ndarray:
+    """Largest v moving ``v * rho * dt`` and then shedding ``a * dt`` per period within ``d``.
+
+    With u = v / (a dt), n = floor(u): distance / (a dt^2) = u (rho + n) - n (n + 1) / 2.
+    """
     delta = d / (a * dt * dt)
     b = 2.0 * rho - 1.0
     n = np.maximum(np.floor((-b + np.sqrt(b * b + 8.0 * delta)) / 2.0), 0.0)  # last n with D(n) <= delta
@@ -306,6 +326,9 @@ class SafetyFilter:
         self.pdv = robot.position_dependent_velocity
         self.path_mode = cfg.controller == "jtc"  # the controller executes our messages' paths
         self.cruise = 1 if (self.path_mode and cfg.jtc_braking_tail) else 0  # tail: one period at v first
+        # set-point streams: a later output may come late, stretching the piece before it (jtc: the
+        # controller runs our braking tail on its own clock, one period per piece)
+        self.stretch = 1.0 if self.path_mode else 1.0 + cfg.late_tick
         self.fe_max = robot.following_error_max if cfg.following_error else None  # [dof] rad or None
         self.fe_lag = robot.following_error_lag
         self.index = {j: i for i, j in enumerate(robot.arm_joints)}
@@ -354,6 +377,7 @@ class SafetyFilter:
         self._hold_cmd: _Command | None = None  # following error: move (within limits) to the measured arm
         self.last_rejection = ""
         self.infeasible_steps = 0  # steps where the limit box was empty (should stay 0)
+        self.jerk_relaxed = 0  # steps where only dropping the jerk bound left a non-empty box
         self.interruptions = 0  # forward/isaac: output gaps longer than max_output_gap
         self.following_errors = 0
         self._t_last = -math.inf  # time of the last step
@@ -764,19 +788,21 @@ class SafetyFilter:
             lo, hi = np.maximum(lo, plo), np.minimum(hi, phi)
         return lo, hi
 
-    def _box(self, q, v, a) -> tuple[np.ndarray, np.ndarray]:
+    def _box(self, q, v, a, jerk: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Per-joint interval [lo, hi] of admissible velocities for the next piece (duration ``_h``,
-        velocity change within ``A * _w``)."""
+        velocity change within ``A * _w``; acceleration change within ``J * _w`` unless ``jerk`` is
+        False)."""
         w, A = self._w, self.a_max
         vlo, vhi = self._vel_bounds(q)
         lo = np.maximum(v - A * w, vlo)
         hi = np.minimum(v + A * w, vhi)
-        if self.j_max is not None:
+        if jerk and self.j_max is not None:
             lo = np.maximum(lo, v + a * w - self.j_max * w * w)
             hi = np.minimum(hi, v + a * w + self.j_max * w * w)
         # room above / below (0 when outside the band: never further out)
         room = np.concatenate((np.maximum(self.q_hi, q) - q, q - np.minimum(self.q_lo, q)))
-        bs = brake_speed(room, np.concatenate((A, A)), self.dt, first=self._h + self.cruise * self.dt)
+        bs = brake_speed(room, np.concatenate((A, A)), self.dt, first=self._h + self.cruise * self.dt,
+                         stretch=self.stretch)
         n = q.size
         return np.maximum(lo, -bs[n:]), np.minimum(hi, bs[:n])
 
@@ -805,6 +831,12 @@ class SafetyFilter:
             v_new = v + r_max * w
             v_new = np.clip(v_new, lo, hi)  # remove rounding
         else:
+            if np.any(lo > hi + _EPS) and self.j_max is not None:
+                # the jerk bound gives way first: after a very short piece (bunched ticks) it freezes
+                # the acceleration, which may be heading into the stopping-distance bound
+                lo, hi = self._box(q, v, a, jerk=False)
+                if np.all(lo <= hi + _EPS):
+                    self.jerk_relaxed += 1
             if np.any(lo > hi + _EPS):
                 self.infeasible_steps += 1
                 # priority: stopping distance / position and velocity over acceleration
@@ -812,8 +844,8 @@ class SafetyFilter:
                 up = np.maximum(self.q_hi, q) - q
                 dn = q - np.minimum(self.q_lo, q)
                 first = h + self.cruise * self.dt
-                slo = np.maximum(vlo, -brake_speed(dn, self.a_max, self.dt, first))
-                shi = np.minimum(vhi, brake_speed(up, self.a_max, self.dt, first))
+                slo = np.maximum(vlo, -brake_speed(dn, self.a_max, self.dt, first, self.stretch))
+                shi = np.minimum(vhi, brake_speed(up, self.a_max, self.dt, first, self.stretch))
                 dv = self.a_max * self._w
                 v_new = np.clip(np.clip(v_c, v - dv, v + dv), slo, shi)
             else:
@@ -828,7 +860,7 @@ class SafetyFilter:
         v_track = (q_des - q0) / h
         # each joint must be able to stop where its path next reverses or ends
         e = cmd.turns[cmd.segment(t + self.dt)] - q0
-        stop = brake_speed(np.abs(e), self.a_max, self.dt, first=h)
+        stop = brake_speed(np.abs(e), self.a_max, self.dt, first=h, stretch=self.stretch)
         toward = (np.sign(v_track) == np.sign(e)) & (v_track != 0)
         lo, hi = self._box(q0, v0, a0)
         if (np.all(v_track >= lo) and np.all(v_track <= hi)

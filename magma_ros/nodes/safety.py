@@ -199,14 +199,18 @@ class SafetyNode(Node):
             self._publish_status()
         except Exception as e:  # noqa: BLE001 - never die on the safety path: keep the hold going out
             self._internal_errors += 1
-            self._internal_error = f"internal error in the output step ({type(e).__name__}: {e})"
+            text = f"internal error in the output step ({type(e).__name__}: {e})"
+            new = text != self._internal_error
+            self._internal_error = text
             self.get_logger().error(f"{self._internal_error}: e-stop latched, holding",
                                     throttle_duration_sec=1.0)
-            self._hold_after_error(t)
+            self._hold_after_error(t, report=new)
 
-    def _hold_after_error(self, t: float) -> None:
+    def _hold_after_error(self, t: float, report: bool = True) -> None:
         """After an internal error: the filter's own controlled stop; if even that fails, the last
-        output again (jtc: the same message, whose braking tail the controller is following)."""
+        output again (jtc: the same message, whose braking tail the controller is following).
+        Diagnostics go out on a new error or a change of state (and at 1 Hz), not on every tick:
+        a failing tick must cost no more than a working one, or the hold falls behind its rate."""
         try:
             self.filter.estop(t)
             out = self.filter.step(t)
@@ -216,7 +220,7 @@ class SafetyNode(Node):
             if self._last_out is not None:
                 self.pub_arm.publish(self._last_out if self.controller != "isaac" else self._restamp(t))
         try:
-            self._publish_status(force=True)
+            self._publish_status(force=report)
         except Exception:  # noqa: BLE001 - reporting must not stop the hold either
             pass
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from magma_ros.core.errors import ConfigError
@@ -66,6 +66,17 @@ def test_brake_speed_is_exact_discrete_stopping_distance(v, a):
     dt = DT
     d = v * dt + dt * sum(max(0.0, v - k * a * dt) for k in range(1, 2000))
     vb = float(brake_speed(np.array([d]), np.array([a]), dt)[0])
+    assert vb == pytest.approx(v, rel=1e-9, abs=1e-9)
+
+
+@given(v=st.floats(0, 10), a=st.floats(0.5, 30), rho=st.floats(0.01, 1.0))
+def test_brake_speed_after_a_short_piece_sheds_only_what_its_duration_allows(v, a, rho):
+    """After a first piece shorter than a period (a jittered or bunched tick) the velocity may change by
+    only a * first (the audit's window), then by a * dt per period: the stopping distance counts that."""
+    dt = DT
+    m = rho * dt
+    d = v * m + dt * sum(max(0.0, v - a * m - k * a * dt) for k in range(0, 2000))
+    vb = float(brake_speed(np.array([d]), np.array([a]), dt, first=m)[0])
     assert vb == pytest.approx(v, rel=1e-9, abs=1e-9)
 
 
@@ -219,8 +230,25 @@ def run(robot, q0, evs, rng, check=True, bad=True, controller="jtc", timing="nom
     return outs, f
 
 
+def _at_lower_limits(*cmd_times_and_steps):
+    """An fr3 case that starts with every joint at position_min (outside the margin band): a zero
+    command (the target clamps to the band's edge) every few ticks."""
+    evs = []
+    for x in cmd_times_and_steps:
+        if isinstance(x, float):
+            evs.append(("cmd", [np.zeros(7)], np.array([x]), 0.0, None, False))
+        else:
+            evs.append(("steps", x))
+    return "fr3", ROBOTS["fr3"].position_min.copy(), evs
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events(), st.integers(0, 2**32 - 1), st.sampled_from(["jtc", "isaac"]), st.sampled_from(TIMINGS))
+# found by random exploration: bunched ticks froze the acceleration (jerk bound) into the stopping bound
+@example(_at_lower_limits(0.25, 1, 1, 0.25, 1, 1, 0.0625, 1, 1, 1, 19), 1, "jtc", "bunched")
+# found by random exploration: a short piece (6 ms) allows only a 6 ms velocity change after it, and the
+# next tick came late (13 ms)
+@example(_at_lower_limits(0.25, 1, 1, 0.125, 1, 1, 1, 1, 1, 12), 0, "isaac", "jitter")
 def test_every_output_within_limits(case, seed, controller, timing):
     """Arbitrary command streams, including every bad input, e-stops and resets, with timer ticks on
     time, jittered, bunched or late: position (minus margin), velocity (FR3: position dependent)
