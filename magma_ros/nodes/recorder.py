@@ -79,7 +79,8 @@ def make_node():
             self.pub_state = self.create_publisher(String, "recorder/state", latched)
             self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", 10)
             img_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-            cmd_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+            cmd_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)  # 1 s of 100 Hz commands: a
+            #                                                                     stalled recorder loses none
             c = self.cfg
             subs = [  # (type, topic, qos, handler)
                 (Image, c.image_topic, img_qos, self._on_image),

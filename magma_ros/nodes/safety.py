@@ -35,6 +35,8 @@ from magma_ros.core.robot import load_robot
 from magma_ros.core.safety import SafetyConfig, SafetyFilter
 from magma_ros.nodes._common import declare_config, diagnostic_array, run_node, to_duration_msg, to_seconds
 
+OUTPUT_DEPTH = 100  # history of the controller-topic publisher (1 s at 100 Hz), see the constructor
+
 LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
 COMMANDS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
@@ -63,12 +65,16 @@ class SafetyNode(Node):
         if gmode == "auto":
             gmode = "joint_command" if self.controller == "isaac" else "jtc"
         self.gripper_mode = gmode
+        # A reliable writer keeps its last OUTPUT_DEPTH messages for readers that fall behind: the recorder
+        # (it stores every command that reached the controller), loggers and audits get all of them
+        # through a stall of up to a second; a controller acts on the newest it has.
         if self.controller == "jtc":
-            self.pub_arm = self.create_publisher(JointTrajectory, f"{r.arm_controller}/joint_trajectory", 10)
+            self.pub_arm = self.create_publisher(JointTrajectory, f"{r.arm_controller}/joint_trajectory",
+                                                 OUTPUT_DEPTH)
         elif self.controller == "forward":
-            self.pub_arm = self.create_publisher(Float64MultiArray, f"{r.forward_controller}/commands", 10)
+            self.pub_arm = self.create_publisher(Float64MultiArray, f"{r.forward_controller}/commands", OUTPUT_DEPTH)
         else:
-            self.pub_arm = self.create_publisher(JointState, "joint_command", 10)
+            self.pub_arm = self.create_publisher(JointState, "joint_command", OUTPUT_DEPTH)
         self.pub_gripper = None
         if gmode == "jtc":
             topic = f"{r.gripper_controller}/joint_trajectory"

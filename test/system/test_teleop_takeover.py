@@ -158,7 +158,7 @@ def test_takeover_stop_holdback_and_handback(nodes, ros_env, tmp_path):
         joy.set(axes={LEFT_X: 1.0}, buttons=[LB])
         assert probe.wait_for(lambda: source() == "teleop", 30, alive=alive), explain(f"{label}: no takeover")
         assert probe.wait_for(lambda: len(teleop_cmds) > n, 10, alive=alive), explain(f"{label}: no teleop command")
-        _, stamp, q_cmd = teleop_cmds[n]
+        t_first, stamp, q_cmd = teleop_cmds[n]
         q_meas = [q for ts, q in list(states) if ts <= stamp][-1]  # what the teleop servo could have measured
         bump = float(np.max(np.abs(q_cmd - q_meas)))
         assert bump < BUMP, explain(f"{label}: first teleop command {bump:.3f} rad from the measured joints")
@@ -167,9 +167,14 @@ def test_takeover_stop_holdback_and_handback(nodes, ros_env, tmp_path):
             return [s for s, src in list(diag_source) if src == "teleop" and s >= stamp - 1e-6]
 
         assert probe.wait_for(lambda: switched(), 10, alive=alive), explain(f"{label}: no diagnostics: teleop")
-        latency = switched()[0] - stamp
-        print(f"{label}: safety source -> teleop {latency * 1e3:.1f} ms (sim time) after the first teleop "
-              f"command; its target {bump * 1e3:.2f} mrad from the measured joints")
+        # Latency on one clock: when the first teleop command and the safety node's switch reached this
+        # probe (wall time). The stamps are on two processes' /clock, which lag one another under load.
+        t_switch = next((t for t, src in sources if src == "teleop" and t >= t_press), None)
+        assert t_switch is not None, explain(f"{label}: safety/source never said teleop")
+        latency = max(t_switch - t_first, 0.0)
+        print(f"{label}: safety source -> teleop {latency * 1e3:.1f} ms (wall, at this probe; sim-time stamps: "
+              f"{(switched()[0] - stamp) * 1e3:.1f} ms) after the first teleop command; its target "
+              f"{bump * 1e3:.2f} mrad from the measured joints")
         # the switch follows the command itself (the next 10 ms output), far inside any timeout
         assert latency < 0.5, explain(f"{label}: source switched {latency:.3f} s after the teleop command")
         return t_press

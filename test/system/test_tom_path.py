@@ -31,8 +31,10 @@ def test_tom_source_drives_the_arm_along_a_3d_path(nodes):
     path = home_tcp + np.array([[0.03, 0.02, -0.02], [0.07, 0.05, -0.05], [0.10, 0.03, -0.07]])
     common = {"robot": ROBOT, "use_sim_time": True}
     nodes.start("sim", dict(common, controller="jtc", camera_fps=0.0))
-    nodes.start("safety", dict(common, controller="jtc"))
-    nodes.start("servo", dict(common, step_period=0.2))
+    # state_timeout widened: on a loaded 2-core machine a late joint state makes the safety node hold for a
+    # moment (its job, tested elsewhere); here the path is what is checked, and the states must stay ok
+    nodes.start("safety", dict(common, controller="jtc", state_timeout=1.0))
+    nodes.start("servo", dict(common, step_period=0.2, state_timeout=2.0))
     follower = nodes.start("tom_follower", dict(common, step_period=0.2, speed=0.04))
     probe = GraphProbe(ROBOT, "jtc")
     try:
