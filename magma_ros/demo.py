@@ -88,7 +88,9 @@ class GraphProbe:
         self.output_period = output_period  # [s] safety output period (1 / output_rate)
         # every command at the controller topic against the robot YAML's hard limits, on real elapsed
         # time (the outputs' stamps), as the controller executes it; audited lazily (see `limits`)
-        self._audit = LimitAudit(self.robot, output_period)
+        # (the probe may join a stream that is already moving: the velocity before its first command is
+        # unknown, not rest)
+        self._audit = LimitAudit(self.robot, output_period, starts_at_rest=False)
         self._raw: list = []  # (start time, JointTrajectory | positions) not yet audited
         self.command_count = 0
         self.lock = threading.Lock()
@@ -240,18 +242,11 @@ class GraphProbe:
 
         return None if self._image_msg is None else image_to_rgb(self._image_msg)
 
-    AUDIT_WARMUP = 1.0  # [s] commands that arrive this soon after the first one are not audited
-
     def _command(self, q: np.ndarray, raw) -> None:
-        now = time.monotonic()
         with self.lock:
             self.command_count += 1
-            self.commands.append((now, q))
-            # The audit needs every message of the stream (each JTC message continues the one before).
-            # While this reader has only just been discovered its first samples can come with gaps, so
-            # the audit starts with the first message after a warm-up.
-            if now - self.commands[0][0] >= self.AUDIT_WARMUP:
-                self._raw.append(raw)
+            self.commands.append((time.monotonic(), q))
+            self._raw.append(raw)
 
     @property
     def limits(self) -> LimitAudit:

@@ -55,6 +55,8 @@ class LimitAudit:
     acceleration_scale: float = 1.0  # fraction of acceleration_max allowed
     max_gap: float | None = None  # [s] set-point streams: a longer gap is an interruption (None: 5 periods)
     tol: float = 1e-5  # relative slack for float rounding and nanosecond stamps (negative: demand slack)
+    starts_at_rest: bool = True  # the stream is seen from its start (at rest); False: joined mid-stream (a
+    #                              probe started after the graph), so the velocity before it is unknown
     violations: list = field(default_factory=list)
     interruptions: int = 0  # set-point gaps longer than max_gap
     pieces: int = 0  # pieces checked
@@ -75,6 +77,7 @@ class LimitAudit:
         self._t: float | None = None  # time of the current knot
         self._q: np.ndarray | None = None  # position there
         self._v = np.zeros(r.dof)  # velocity of the piece ending there
+        self._v_known = True  # False until the first piece of a stream joined mid-way
         self._since = self.period  # time since the last velocity change (capped use)
         self._pT = np.zeros(0)  # JTC: knot times of the active message ...
         self._pQ = np.zeros((0, r.dof))  # ... and positions
@@ -85,6 +88,7 @@ class LimitAudit:
         """Start the audit mid-motion: at ``t`` the path is at ``q`` moving at ``v`` (default rest),
         that velocity held for at least a period."""
         self._start(t, np.asarray(q, float).reshape(-1))
+        self._v_known = True
         if v is not None:
             self._v = np.asarray(v, float).reshape(-1).copy()
 
@@ -98,6 +102,7 @@ class LimitAudit:
         if self._q is None:
             self._start(tau, q)
             return []
+        self._v_known = self._v_known or tau - self._t > self.max_gap
         if tau - self._t > self.max_gap:  # the controller held q_prev meanwhile: restart at rest
             self.interruptions += 1
             self._t, self._v, self._since = t, np.zeros_like(self._v), self.period
@@ -115,7 +120,11 @@ class LimitAudit:
         if P.ndim != 2 or P.shape != (ts.size, self.robot.dof) or P.size == 0 or not np.all(np.isfinite(P)):
             self.violations.append(f"t={start:.4f}: malformed trajectory (shape {P.shape})")
             return self.violations[n:]
-        if self._q is None:
+        if self._q is None and not self.starts_at_rest and ts[0] > 0.0:
+            # joined mid-stream: where the path was at `start` is unknown; it starts at the first point
+            self._start(start + float(ts[0]), P[0])
+            ts, P = ts[1:], P[1:]
+        elif self._q is None:
             self._start(start, P[0])
         else:
             self.advance(start)
@@ -158,6 +167,7 @@ class LimitAudit:
     def _start(self, t: float, q: np.ndarray) -> None:
         self._t, self._q = t, q.copy()
         self._v = np.zeros_like(q)
+        self._v_known = self.starts_at_rest
         self._since = self.period
         r = self.robot  # a start may lie outside the margin band (then only move back), never outside the limits
         for i in np.flatnonzero((q < r.position_min - 1e-9) | (q > r.position_max + 1e-9)):
@@ -193,7 +203,10 @@ class LimitAudit:
                                    f"(limit [{vlo[i]:.4f}, {vhi[i]:.4f}])")
         self.peak_velocity = max(self.peak_velocity, float(np.max(np.abs(v) / self.v_max)))
         dv = np.abs(v - self._v)
-        if np.any(dv > _DV + _DV_REL * np.maximum(np.abs(v), np.abs(self._v))):
+        if not self._v_known:  # the first piece of a stream joined mid-way: nothing to compare with
+            self._v_known = True
+            self._since = d
+        elif np.any(dv > _DV + _DV_REL * np.maximum(np.abs(v), np.abs(self._v))):
             w = min(self._since, self.period)
             allowed = self.a_max * w
             for i in np.flatnonzero(dv > allowed * slack + 1e-6):

@@ -59,12 +59,14 @@ class Probe:
         """A 200 Hz driver: joint states (and /clock, advancing at the wall clock's rate) every 5 ms.
 
         ``wait`` calls this for every predicate check, many times per millisecond while it drains its
-        queue; advancing the sim clock per call would run it tens of times faster than real time."""
+        queue; advancing the sim clock per call would run it tens of times faster than real time. When
+        this process was not scheduled for a while the clock advances by at most 20 ms (a simulator
+        running slower than real time), never in a jump that makes the last joint state look stale."""
         wall = time.monotonic()
         if self._wall >= 0 and wall - self._wall < 0.005:
             return
         if self.sim_time is not None:
-            self.sim_time += wall - self._wall if self._wall >= 0 else 0.005
+            self.sim_time += min(wall - self._wall, 0.02) if self._wall >= 0 else 0.005
             self.clock_pub.publish(self._C(clock=stamp_of(self.sim_time)))
         self._wall = wall
         m = self._JS()

@@ -91,6 +91,40 @@ def test_limit_oracle_flags_what_it_must():
     assert jtc.finish() and "velocity changes" in jtc.violations[-1]
 
 
+@pytest.mark.parametrize("kind", ["jtc", "points"])
+def test_limit_oracle_joining_a_moving_stream(kind):
+    """A probe that subscribes after the arm started moving: assuming rest before its first command
+    would report a false full stop-to-speed change (seen in the system tests when the probe's first
+    message was mid-motion); starts_at_rest=False leaves the unknown first change unchecked and still
+    catches a real one later."""
+    from magma_ros.core.limit_audit import LimitAudit
+    from magma_ros.core.robot import load_robot
+
+    r = load_robot(ROBOT)
+    dt = 0.01
+    v = np.full(r.dof, 0.3)  # cruising at 0.3 rad/s (a 0.3 rad/s change in 10 ms is 3x the FR3's A)
+
+    def feed(audit, jump_at=None):
+        for k in range(20):
+            q = r.home + v * k * dt
+            if jump_at is not None and k >= jump_at:
+                q = q + v * (k - jump_at + 1) * dt  # from k on twice as fast: a real 0.3 rad/s change
+            if kind == "jtc":
+                audit.trajectory(k * dt, [dt, 2 * dt], [q + v * dt, q + 2 * v * dt])
+            else:
+                audit.point(k * dt, q)
+
+    assumed = LimitAudit(r, dt)
+    feed(assumed)
+    assert any("velocity changes" in x for x in assumed.violations)  # the false finding
+    joined = LimitAudit(r, dt, starts_at_rest=False)
+    feed(joined)
+    assert joined.violations == [] and joined.pieces > 10
+    real = LimitAudit(r, dt, starts_at_rest=False)
+    feed(real, jump_at=10)
+    assert any("velocity changes" in x for x in real.violations)
+
+
 @pytest.mark.slow
 def test_closed_loop_holds_stops_and_resumes(ros_env, tmp_path, tiny_ckpt):
     from sensor_msgs.msg import Image
