@@ -206,20 +206,30 @@ def test_servo_node_survives_the_clock_jumping_back_and_reports_the_step(nodes, 
     proc = nodes.start("servo", {"robot": "fr3", "step_period": T, "use_sim_time": True})
     probe = Probe(rclpy_node, rb, sim_time=1000.0)
     ready(probe, nodes, proc)
-    probe.twist((0.0, 0.05, 0.0), (0.0, 0.0, 0.0), probe.now() - 0.05)
-    assert probe.wait(lambda: len(probe.cmds) >= 1, 10.0), nodes.dump()
+
+    def twist_until_applied(v) -> int | None:
+        """A fresh twist every 1.25 s until one is applied (a servo starved by a loaded machine may
+        rightly hold one on stale joint states); the index of the first command it produced."""
+        n = len(probe.cmds)
+        for _ in range(8):
+            probe.twist(v, (0.0, 0.0, 0.0), probe.now() - 0.05)
+            if probe.wait(lambda: len(probe.cmds) > n, 1.25):
+                return n
+        return None
+
+    assert twist_until_applied((0.0, 0.05, 0.0)) is not None, nodes.dump()
     probe.wait(lambda: False, timeout=1.5)  # settle_time: keep-alives end
     probe.sim_time = 5.0  # the simulator was reset: its clock starts again
     probe.wait(lambda: False, timeout=0.5)  # fresh joint states on the new clock
-    n = len(probe.cmds)
-    probe.twist((0.0, 0.0, 0.05), (0.0, 0.0, 0.0), probe.now() - 0.05)
-    assert probe.wait(lambda: len(probe.cmds) > n, 10.0), "twist after the clock reset not applied\n" + nodes.dump()
+    # (before the fix no twist on the new clock was applied until it caught up with 1000 s)
+    n = twist_until_applied((0.0, 0.0, 0.05))
+    assert n is not None, "twist after the clock reset not applied\n" + nodes.dump()
     assert to_s(probe.cmds[n].header.stamp) < 10.0  # stamped on the new clock
 
     def vals():
         return {kv.key: kv.value for kv in diags[-1].values} if diags else {}
 
-    assert probe.wait(lambda: vals().get("clock_resets") == "1" and vals().get("applied") == "2", 10.0), vals()
+    assert probe.wait(lambda: vals().get("clock_resets") == "1" and int(vals().get("applied", 0)) >= 2, 10.0), vals()
     v = vals()
     assert 1.0 < float(v["condition_number"]) < 17.0  # the ready pose: far from singular
     assert float(v["singularity_scale"]) == 1.0 and float(v["step_fraction"]) > 0.99

@@ -21,6 +21,7 @@ from conftest import REPO, aux_python
 
 READER = REPO / "test" / "data" / "lerobot_reader.py"
 TELEOP_PERIOD = 0.1  # [s] collect.launch.yaml's teleop_period default (the teleop servo's step)
+DELIVERY = 0.05  # [s] allowance for the difference in delivery of two topics to the recorder (see below)
 
 
 @pytest.mark.slow
@@ -100,7 +101,10 @@ def test_collect_policy_takeover_record_discard(ros_env, rclpy_node, tmp_path):
         assert first_teleop is not None and switch_t is not None, bag
         assert jump < 0.03, f"{bag.name}: teleop's first command is {jump:.3f} rad from the measured joints"
         late = abs(switch_t - first_teleop)
-        assert late <= TELEOP_PERIOD, f"{bag.name}: source switched {late:.3f} s from the first teleop command"
+        # one teleop period, plus DELIVERY: these are the recorder's receive times of two topics from two
+        # processes, which a loaded 2-core machine delivers up to a few tens of ms apart
+        assert late <= TELEOP_PERIOD + DELIVERY, \
+            f"{bag.name}: source switched {late:.3f} s from the first teleop command"
 
     # --- statistics in the policy's format
     stats = tmp_path / "stats.json"
