@@ -56,6 +56,10 @@ class PolicyNodeConfig:
     image_qos: str = "reliable"
     instruction: str = ""  # initial instruction (magma/instruction overrides it)
     device: str = ""  # local: "cuda", "cuda:1", "cpu"; "" = GPU when present, else CPU
+    # torch intra-op threads (torch.set_num_threads); 0 = torch's default (one per core). Beside the sim,
+    # servo and safety processes on a small CPU host, more than 1 makes OpenMP workers wait for cores
+    # (measured on 2 shared cores: 1 thread 59 ms CPU per tiny step, 2 threads 625 ms)
+    torch_threads: int = 1
     tom_rate: float = 0.0  # [Hz] Trace-of-Mark plans (local policy only); 0 = off
     tom_marks: int = 10  # marks placed per ToM plan
     tom_max_tokens: int = 256  # ToM answer length cap (tokens); bounds one plan's cost
@@ -133,6 +137,17 @@ def remote_robot_id(cfg: PolicyNodeConfig, namespace: str) -> str:
     """The arm's id on a shared policy server: ``robot_id`` or the node's namespace ("/" -> "default")."""
     rid = cfg.robot_id or (namespace if namespace not in ("", "/") else "default")
     return rid
+
+
+def _set_torch_threads(n: int) -> None:
+    """``torch.set_num_threads(n)`` when n > 0 and torch is importable (the scripted policy needs no torch)."""
+    if n <= 0:
+        return
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(int(n))
 
 
 def build_policy(cfg: PolicyNodeConfig, namespace: str = "/"):
@@ -241,6 +256,7 @@ def make_node():
             self.tom_mode = self.cfg.action_source == "tom"
             if self.tom_mode and not (self.cfg.tom_rate > 0 and self.cfg.tom_3d):
                 raise ConfigError("action_source:=tom follows ToM plans in 3-D: it needs tom_rate > 0 and tom_3d:=true")
+            _set_torch_threads(self.cfg.torch_threads)
             self.policy, self.step_period = build_policy(self.cfg, self.get_namespace())
             self._side = None  # a second model instance for ToM / questions (never the action model)
             self._side_lock = threading.Lock()
