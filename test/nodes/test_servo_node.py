@@ -101,6 +101,17 @@ def ready(probe, nodes, proc):
     probe.wait(lambda: False, timeout=0.5)  # a few joint states reach it
 
 
+def twist_until_applied(probe, v, age: float = 0.05) -> int | None:
+    """A fresh twist (``age`` s old) every 1.25 s until one is applied (a servo starved by a loaded
+    machine may rightly hold one on stale joint states); the index of the first command it produced."""
+    n = len(probe.cmds)
+    for _ in range(8):
+        probe.twist(v, (0.0, 0.0, 0.0), probe.now() - age)
+        if probe.wait(lambda: len(probe.cmds) > n, 1.25):
+            return n
+    return None
+
+
 def test_servo_node_turns_a_twist_into_one_step_of_joint_targets(nodes, rclpy_node):
     rb = load_robot("fr3")
     kin = Kinematics(rb)
@@ -153,9 +164,9 @@ def test_servo_node_honours_use_sim_time(nodes, rclpy_node):
     probe = Probe(rclpy_node, rb, sim_time=1000.0)
     ready(probe, nodes, proc)
     # 1000 s is ~56 years before the wall clock: only a node on /clock time accepts it as fresh
-    probe.twist((0.0, 0.05, 0.0), (0.0, 0.0, 0.0), probe.now() - 0.1)
-    assert probe.wait(lambda: len(probe.cmds) >= 1, 10.0), nodes.dump()
-    stamp = to_s(probe.cmds[0].header.stamp)
+    n = twist_until_applied(probe, (0.0, 0.05, 0.0), age=0.1)
+    assert n is not None, nodes.dump()
+    stamp = to_s(probe.cmds[n].header.stamp)
     assert 1000.0 < stamp <= probe.now() + 1e-6
 
 
@@ -207,22 +218,12 @@ def test_servo_node_survives_the_clock_jumping_back_and_reports_the_step(nodes, 
     probe = Probe(rclpy_node, rb, sim_time=1000.0)
     ready(probe, nodes, proc)
 
-    def twist_until_applied(v) -> int | None:
-        """A fresh twist every 1.25 s until one is applied (a servo starved by a loaded machine may
-        rightly hold one on stale joint states); the index of the first command it produced."""
-        n = len(probe.cmds)
-        for _ in range(8):
-            probe.twist(v, (0.0, 0.0, 0.0), probe.now() - 0.05)
-            if probe.wait(lambda: len(probe.cmds) > n, 1.25):
-                return n
-        return None
-
-    assert twist_until_applied((0.0, 0.05, 0.0)) is not None, nodes.dump()
+    assert twist_until_applied(probe, (0.0, 0.05, 0.0)) is not None, nodes.dump()
     probe.wait(lambda: False, timeout=1.5)  # settle_time: keep-alives end
     probe.sim_time = 5.0  # the simulator was reset: its clock starts again
     probe.wait(lambda: False, timeout=0.5)  # fresh joint states on the new clock
     # (before the fix no twist on the new clock was applied until it caught up with 1000 s)
-    n = twist_until_applied((0.0, 0.0, 0.05))
+    n = twist_until_applied(probe, (0.0, 0.0, 0.05))
     assert n is not None, "twist after the clock reset not applied\n" + nodes.dump()
     assert to_s(probe.cmds[n].header.stamp) < 10.0  # stamped on the new clock
 
