@@ -77,7 +77,7 @@ class LimitAudit:
         self._t: float | None = None  # time of the current knot
         self._q: np.ndarray | None = None  # position there
         self._v = np.zeros(r.dof)  # velocity of the piece ending there
-        self._v_known = True  # False until the first piece of a stream joined mid-way
+        self._unknown = 0  # joined mid-stream: 2 = velocity unknown, 1 = how long it was held unknown
         self._since = self.period  # time since the last velocity change (capped use)
         self._pT = np.zeros(0)  # JTC: knot times of the active message ...
         self._pQ = np.zeros((0, r.dof))  # ... and positions
@@ -88,7 +88,7 @@ class LimitAudit:
         """Start the audit mid-motion: at ``t`` the path is at ``q`` moving at ``v`` (default rest),
         that velocity held for at least a period."""
         self._start(t, np.asarray(q, float).reshape(-1))
-        self._v_known = True
+        self._unknown = 0
         if v is not None:
             self._v = np.asarray(v, float).reshape(-1).copy()
 
@@ -102,7 +102,8 @@ class LimitAudit:
         if self._q is None:
             self._start(tau, q)
             return []
-        self._v_known = self._v_known or tau - self._t > self.max_gap
+        if tau - self._t > self.max_gap:  # restart at rest (below): known
+            self._unknown = 0
         if tau - self._t > self.max_gap:  # the controller held q_prev meanwhile: restart at rest
             self.interruptions += 1
             self._t, self._v, self._since = t, np.zeros_like(self._v), self.period
@@ -167,7 +168,7 @@ class LimitAudit:
     def _start(self, t: float, q: np.ndarray) -> None:
         self._t, self._q = t, q.copy()
         self._v = np.zeros_like(q)
-        self._v_known = self.starts_at_rest
+        self._unknown = 0 if self.starts_at_rest else 2
         self._since = self.period
         r = self.robot  # a start may lie outside the margin band (then only move back), never outside the limits
         for i in np.flatnonzero((q < r.position_min - 1e-9) | (q > r.position_max + 1e-9)):
@@ -203,10 +204,12 @@ class LimitAudit:
                                    f"(limit [{vlo[i]:.4f}, {vhi[i]:.4f}])")
         self.peak_velocity = max(self.peak_velocity, float(np.max(np.abs(v) / self.v_max)))
         dv = np.abs(v - self._v)
-        if not self._v_known:  # the first piece of a stream joined mid-way: nothing to compare with
-            self._v_known = True
-            self._since = d
-        elif np.any(dv > _DV + _DV_REL * np.maximum(np.abs(v), np.abs(self._v))):
+        changed = np.any(dv > _DV + _DV_REL * np.maximum(np.abs(v), np.abs(self._v)))
+        if self._unknown == 2:  # joined mid-stream: the first piece's velocity sets the reference
+            self._unknown, self._since = 1, d
+        elif changed and self._unknown == 1:  # ... and its first change (how long the velocity before it
+            self._unknown, self._since = 0, d  # was held is unknown); every later change is judged
+        elif changed:
             w = min(self._since, self.period)
             allowed = self.a_max * w
             for i in np.flatnonzero(dv > allowed * slack + 1e-6):
@@ -216,4 +219,6 @@ class LimitAudit:
             self._since = d
         else:
             self._since += d
+            if self._unknown == 1 and self._since >= self.period:  # seen held for a period: known enough
+                self._unknown = 0
         self._t, self._q, self._v = t1, q1.copy(), v

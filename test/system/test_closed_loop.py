@@ -93,10 +93,11 @@ def test_limit_oracle_flags_what_it_must():
 
 @pytest.mark.parametrize("kind", ["jtc", "points"])
 def test_limit_oracle_joining_a_moving_stream(kind):
-    """A probe that subscribes after the arm started moving: assuming rest before its first command
-    would report a false full stop-to-speed change (seen in the system tests when the probe's first
-    message was mid-motion); starts_at_rest=False leaves the unknown first change unchecked and still
-    catches a real one later."""
+    """A probe that subscribes after the arm started moving sees neither the velocity before its first
+    command nor how long it was held. Assuming rest there reports a false stop-to-speed change (seen
+    in the system tests when the probe's first message came mid-motion); starts_at_rest=False judges
+    nothing it cannot know (the first piece, and the first change unless a period of steady motion
+    was seen before it) and every change after that."""
     from magma_ros.core.limit_audit import LimitAudit
     from magma_ros.core.robot import load_robot
 
@@ -104,25 +105,26 @@ def test_limit_oracle_joining_a_moving_stream(kind):
     dt = 0.01
     v = np.full(r.dof, 0.3)  # cruising at 0.3 rad/s (a 0.3 rad/s change in 10 ms is 3x the FR3's A)
 
-    def feed(audit, jump_at=None):
-        for k in range(20):
-            q = r.home + v * k * dt
-            if jump_at is not None and k >= jump_at:
-                q = q + v * (k - jump_at + 1) * dt  # from k on twice as fast: a real 0.3 rad/s change
-            if kind == "jtc":
-                audit.trajectory(k * dt, [dt, 2 * dt], [q + v * dt, q + 2 * v * dt])
+    def feed(audit, first_stamp, jump_at=None):
+        q = r.home.copy()
+        for k in range(30):
+            t = first_stamp + k * dt
+            vk = v if jump_at is None or k < jump_at else 2 * v  # from jump_at on twice as fast
+            if kind == "jtc":  # joined 2 ms after a message: the first message seen starts mid-period
+                audit.trajectory(t, [dt, 2 * dt], [q + vk * dt, q + 2 * vk * dt])
             else:
-                audit.point(k * dt, q)
+                audit.point(t, q)
+            q = q + vk * dt
 
     assumed = LimitAudit(r, dt)
-    feed(assumed)
+    feed(assumed, 0.002)
     assert any("velocity changes" in x for x in assumed.violations)  # the false finding
     joined = LimitAudit(r, dt, starts_at_rest=False)
-    feed(joined)
-    assert joined.violations == [] and joined.pieces > 10
+    feed(joined, 0.002)
+    assert joined.violations == [] and joined.pieces > 20
     real = LimitAudit(r, dt, starts_at_rest=False)
-    feed(real, jump_at=10)
-    assert any("velocity changes" in x for x in real.violations)
+    feed(real, 0.002, jump_at=15)  # after a steady period was seen: judged
+    assert any("velocity changes" in x for x in real.violations), real.violations
 
 
 @pytest.mark.slow
