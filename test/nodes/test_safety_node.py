@@ -592,7 +592,7 @@ def test_reset_while_braking_no_motion_until_resume_and_push(nodes, rclpy_node):
     stream(probe, direction, 0.4, 1.0)  # the policy streams on: it does not move the arm back
     held = probe.outs[n - 1][1]
     for _, q in probe.outs[n - 1:]:  # standing still at the measured (pushed) position
-        np.testing.assert_array_equal(q, held)
+        np.testing.assert_allclose(q, held, rtol=0, atol=1e-9)
     np.testing.assert_allclose(held, pushed, rtol=0, atol=1e-6)
     diag = " | ".join(s.message for s in probe.diags if s.level == b"\x02")
     assert "following error" in diag and "fr3_joint2" in diag, diag
