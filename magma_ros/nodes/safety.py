@@ -345,6 +345,8 @@ class SafetyNode(Node):
                   "last_rejection": self._last_rejection, "internal_errors": self._internal_errors,
                   "following_errors": self.filter.following_errors,
                   "output_interruptions": self.filter.interruptions,
+                  # steps where the limits could not all hold at once (docs/safety.md, the priority order)
+                  "jerk_relaxed_steps": self.filter.jerk_relaxed, "infeasible_steps": self.filter.infeasible_steps,
                   # matched DDS endpoints (discovery can take seconds): is the command path connected?
                   "policy_command_publishers": self.sub_policy.get_publisher_count(),
                   "output_subscribers": self.pub_arm.get_subscription_count()}
