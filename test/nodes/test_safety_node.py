@@ -590,10 +590,10 @@ def test_reset_while_braking_no_motion_until_resume_and_push(nodes, rclpy_node):
     assert probe.wait(lambda: np.max(np.abs(probe.last() - pushed)) < 1e-6, 40.0), probe.last() - pushed
     n = len(probe.outs)
     stream(probe, direction, 0.4, 1.0)  # the policy streams on: it does not move the arm back
-    held = probe.outs[n - 1][1]
-    for _, q in probe.outs[n - 1:]:  # standing still at the measured (pushed) position
-        np.testing.assert_allclose(q, held, rtol=0, atol=1e-9)
-    np.testing.assert_allclose(held, pushed, rtol=0, atol=1e-6)
+    # holding at the measured (pushed) position: every output within 1 µrad of it, never moving back
+    # towards the old command (the last µrad of the approach may still be settling)
+    dist = [float(np.max(np.abs(q - pushed))) for _, q in probe.outs[n - 1:]]
+    assert max(dist) < 1e-6 and all(b <= a + 1e-12 for a, b in zip(dist, dist[1:])), dist
     diag = " | ".join(s.message for s in probe.diags if s.level == b"\x02")
     assert "following error" in diag and "fr3_joint2" in diag, diag
     assert probe.call("resume_policy").success
