@@ -102,11 +102,9 @@ class LimitAudit:
         if self._q is None:
             self._start(tau, q)
             return []
-        if tau - self._t > self.max_gap:  # restart at rest (below): known
-            self._unknown = 0
-        if tau - self._t > self.max_gap:  # the controller held q_prev meanwhile: restart at rest
+        if tau - self._t > self.max_gap:  # the controller held q_prev meanwhile: restart at rest (known)
             self.interruptions += 1
-            self._t, self._v, self._since = t, np.zeros_like(self._v), self.period
+            self._t, self._v, self._since, self._unknown = t, np.zeros_like(self._v), self.period, 0
         self._piece(tau, q)
         return self.violations[n:]
 

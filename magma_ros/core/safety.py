@@ -799,12 +799,18 @@ class SafetyFilter:
         if jerk and self.j_max is not None:
             lo = np.maximum(lo, v + a * w - self.j_max * w * w)
             hi = np.minimum(hi, v + a * w + self.j_max * w * w)
-        # room above / below (0 when outside the band: never further out)
+        slo, shi = self._stop_bounds(q)
+        return np.maximum(lo, slo), np.minimum(hi, shi)
+
+    def _stop_bounds(self, q) -> tuple[np.ndarray, np.ndarray]:
+        """Velocities from which the arm can still stop inside the band after the next piece (``_h``):
+        room above / below (0 when outside the band: never further out) -> (-down speed, up speed)."""
+        A = self.a_max
         room = np.concatenate((np.maximum(self.q_hi, q) - q, q - np.minimum(self.q_lo, q)))
         bs = brake_speed(room, np.concatenate((A, A)), self.dt, first=self._h + self.cruise * self.dt,
                          stretch=self.stretch)
         n = q.size
-        return np.maximum(lo, -bs[n:]), np.minimum(hi, bs[:n])
+        return -bs[n:], bs[:n]
 
     def _limit(self, v_c: np.ndarray, q_target: np.ndarray | None, q, v, a, box=None) -> np.ndarray:
         """Admissible velocity closest to ``v_c`` along the segment from the current velocity.
@@ -841,11 +847,8 @@ class SafetyFilter:
                 self.infeasible_steps += 1
                 # priority: stopping distance / position and velocity over acceleration
                 vlo, vhi = self._vel_bounds(q)
-                up = np.maximum(self.q_hi, q) - q
-                dn = q - np.minimum(self.q_lo, q)
-                first = h + self.cruise * self.dt
-                slo = np.maximum(vlo, -brake_speed(dn, self.a_max, self.dt, first, self.stretch))
-                shi = np.minimum(vhi, brake_speed(up, self.a_max, self.dt, first, self.stretch))
+                slo, shi = self._stop_bounds(q)
+                slo, shi = np.maximum(vlo, slo), np.minimum(vhi, shi)
                 dv = self.a_max * self._w
                 v_new = np.clip(np.clip(v_c, v - dv, v + dv), slo, shi)
             else:

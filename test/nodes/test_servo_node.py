@@ -217,7 +217,6 @@ def test_servo_node_survives_the_clock_jumping_back_and_reports_the_step(nodes, 
     proc = nodes.start("servo", {"robot": "fr3", "step_period": T, "use_sim_time": True})
     probe = Probe(rclpy_node, rb, sim_time=1000.0)
     ready(probe, nodes, proc)
-
     assert twist_until_applied(probe, (0.0, 0.05, 0.0)) is not None, nodes.dump()
     probe.wait(lambda: False, timeout=1.5)  # settle_time: keep-alives end
     probe.sim_time = 5.0  # the simulator was reset: its clock starts again
