@@ -378,11 +378,13 @@ class SafetyFilter:
         self.last_rejection = ""
         self.infeasible_steps = 0  # steps where the limit box was empty (should stay 0)
         self.jerk_relaxed = 0  # steps where only dropping the jerk bound left a non-empty box
+        self.cruise_dropped = 0  # jtc steps planned without the cruise period (a late message near a bound)
         self.interruptions = 0  # forward/isaac: output gaps longer than max_output_gap
         self.following_errors = 0
         self._t_last = -math.inf  # time of the last step
         # the step being planned: anchor (q, v, a), piece duration h, velocity-change window w
         self._h = self._w = self.dt
+        self._cruise_now: int | None = None  # periods at speed before the tail of the step being planned
         self._q_next = self.q
 
     # ----------------------------------------------------------------------------------------- inputs
@@ -720,6 +722,7 @@ class SafetyFilter:
                   and t - self.last_valid[self.active.source] > self.cfg.command_timeout):
                 self._hold("teleop timeout" if self.active.source == "teleop" else "command timeout")
         q0, v0, a0 = self._anchor(t)
+        self._cruise_now = self._tail_cruise()
         if self._hold_cmd is not None:  # following error: to the measured arm, then hold
             v_new = self._follow(self._hold_cmd, t, q0, v0, a0)
         elif self.estopped or self.active is None:
@@ -806,8 +809,9 @@ class SafetyFilter:
         """Velocities from which the arm can still stop inside the band after the next piece (``_h``):
         room above / below (0 when outside the band: never further out) -> (-down speed, up speed)."""
         A = self.a_max
+        cruise = self.cruise if self._cruise_now is None else self._cruise_now
         room = np.concatenate((np.maximum(self.q_hi, q) - q, q - np.minimum(self.q_lo, q)))
-        bs = brake_speed(room, np.concatenate((A, A)), self.dt, first=self._h + self.cruise * self.dt,
+        bs = brake_speed(room, np.concatenate((A, A)), self.dt, first=self._h + cruise * self.dt,
                          stretch=self.stretch)
         n = q.size
         return -bs[n:], bs[:n]
@@ -837,6 +841,14 @@ class SafetyFilter:
             v_new = v + r_max * w
             v_new = np.clip(v_new, lo, hi)  # remove rounding
         else:
+            if np.any(lo > hi + _EPS) and self._cruise_now:
+                # the cruise period goes first (it is a convenience for late messages, not a limit): a
+                # message that comes after the previous tail began braking cannot add another period at
+                # speed near a bound; without it the previous tail itself stays admissible
+                self._cruise_now = 0
+                lo, hi = self._box(q, v, a)
+                if np.all(lo <= hi + _EPS):
+                    self.cruise_dropped += 1
             if np.any(lo > hi + _EPS) and self.j_max is not None:
                 # the jerk bound gives way first: after a very short piece (bunched ticks) it freezes
                 # the acceleration, which may be heading into the stopping-distance bound
@@ -891,7 +903,11 @@ class SafetyFilter:
         q = self.q if q is None else q
         v = self.v if v is None else v
         a = self.a if a is None else a
-        cruise = self.cruise if (self.active is not None and not self.estopped and self._hold_cmd is None) else 0
+        cruise = self._tail_cruise() if self._cruise_now is None else min(self._tail_cruise(), self._cruise_now)
+        if cruise and self.pdv is not None:  # the cruise piece starts at q: inside the bounds there?
+            vlo, vhi = self.pdv.bounds(q, self.v_max)
+            if np.any(v < vlo - 1e-12) or np.any(v > vhi + 1e-12):
+                cruise = 0
         dt = self.dt
         Q = uniform_stop(q, v, self.a_max, dt, max_points, cruise)
         if len(Q) == 0:
@@ -915,9 +931,14 @@ class SafetyFilter:
             return Q
         return self._braking_tail_exact(q, v, a, max_points, cruise)
 
+    def _tail_cruise(self) -> int:
+        """Periods at speed before the braking tail starts: one while a command is followed."""
+        return self.cruise if (self.active is not None and not self.estopped and self._hold_cmd is None) else 0
+
     def _braking_tail_exact(self, q, v, a, max_points: int, cruise: int = 0) -> np.ndarray:
-        saved = (self._q_next, self._h, self._w)
+        saved = (self._q_next, self._h, self._w, self._cruise_now)
         self._h = self._w = self.dt
+        self._cruise_now = 0  # each step of the stop brakes at once (the cruise, if any, comes first)
         out = [q + v * self.dt * (k + 1) for k in range(cruise)]
         if cruise:
             q, a = out[-1], np.zeros_like(a)
@@ -929,7 +950,7 @@ class SafetyFilter:
             a = (v_new - v) / self.dt
             v, q = v_new, q_new
             out.append(q)
-        self._q_next, self._h, self._w = saved
+        self._q_next, self._h, self._w, self._cruise_now = saved
         return np.array(out).reshape(-1, self.robot.dof)
 
     def jtc_points(self) -> np.ndarray:
@@ -950,7 +971,7 @@ class SafetyFilter:
     def _ws_ok(self, q_new: np.ndarray, v_new: np.ndarray) -> bool:
         """The stopping point of a controlled stop from (q_new, v_new) must be inside the box
         (or closer to it than the current position is)."""
-        stop = uniform_stop(q_new, v_new, self.a_max, self.dt, 10_000, self.cruise)
+        stop = uniform_stop(q_new, v_new, self.a_max, self.dt, 10_000, self._cruise_now or 0)
         q_stop = stop[-1] if len(stop) else q_new
         viol = self._ws_violation(q_stop)
         return viol <= 0 or viol < self._ws_violation(self.q) - 1e-9

@@ -346,6 +346,7 @@ class SafetyNode(Node):
                   "following_errors": self.filter.following_errors,
                   "output_interruptions": self.filter.interruptions,
                   # steps where the limits could not all hold at once (docs/safety.md, the priority order)
+                  "cruise_dropped_steps": self.filter.cruise_dropped,
                   "jerk_relaxed_steps": self.filter.jerk_relaxed, "infeasible_steps": self.filter.infeasible_steps,
                   # matched DDS endpoints (discovery can take seconds): is the command path connected?
                   "policy_command_publishers": self.sub_policy.get_publisher_count(),

@@ -759,6 +759,40 @@ def test_late_jtc_message_meets_the_controller_on_its_tail_no_reversal():
     assert vmax > 0.25
 
 
+@pytest.mark.parametrize("robot", sorted(ROBOTS))
+def test_late_ticks_while_braking_into_a_limit(robot):
+    """A message that comes 1.3 or 2.5 periods late, when the previous tail has already begun braking
+    a joint into its limit band, cannot add the tail's cruise period (one more period at speed): the
+    step is planned without it and the stop goes on within every limit. Each joint, both limits, the
+    late tick at different phases of the approach (found by benchmarks/safety.py's fuzz on panda; fr3's
+    position-dependent bound also applies to the cruise piece itself)."""
+    r = ROBOTS[robot]
+    found = []
+    for j in range(r.dof):
+        for side in (1.0, -1.0):
+            for late in (1.3, 2.5):
+                for phase in (0, 4, 8):
+                    _, f = make(robot, max_step=0.0)
+                    chk = Oracle(f)
+                    q0 = 0.5 * (f.q_lo + f.q_hi)
+                    q0[j] = (f.q_hi[j] - 0.25) if side > 0 else (f.q_lo[j] + 0.25)
+                    chk.check(0.0, start(f, q0))
+                    tgt = q0.copy()
+                    tgt[j] = r.position_max[j] + 1.0 if side > 0 else r.position_min[j] - 1.0  # clamped
+                    t = 0.0
+                    for k in range(1, 60):
+                        t += DT * (late if k % 12 == phase else 1.0)
+                        f.on_joint_state(r.arm_joints, f.q, t)
+                        if k % 3 == 1:
+                            f.on_command("policy", r.arm_joints, [tgt], [0.1], 0.0, t)
+                        bad = chk.check(t, f.step(t))
+                        if bad or f.infeasible_steps:
+                            found.append((r.arm_joints[j], side, late, phase, bad[:1], f.infeasible_steps))
+                            break
+                    assert abs(f.q[j] - q0[j]) > 0.2  # it did reach the band edge
+    assert not found, found[:4]
+
+
 def test_braking_tail_ends_at_rest_within_limits():
     r, f, t, chk = moving_filter("panda")
     tail = f.braking_tail()
