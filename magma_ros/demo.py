@@ -108,6 +108,7 @@ class GraphProbe:
         self.q_log: list[tuple[float, np.ndarray]] = []  # (wall time, q)
         self.commands: list[tuple[float, np.ndarray]] = []  # (wall time, q) at the controller topic
         self.twists: list[float] = []  # wall times of policy actions (magma/ee_twist)
+        self.twist_sim: list[float] = []  # [s] sim time (latest joint-state stamp) when each action arrived
         self.states: list[str] = []  # safety/state values in arrival order
         self.sources: list[str] = []
         self.safety_diag: list[tuple[int, str]] = []  # (level, message) changes of the safety node
@@ -179,8 +180,11 @@ class GraphProbe:
         msg_type = {"jtc": JointTrajectory, "forward": Float64MultiArray, "isaac": JointState}[controller]
         cb = {"jtc": on_traj, "forward": on_forward, "isaac": on_isaac}[controller]
         n.create_subscription(msg_type, topic, cb, 100)
-        n.create_subscription(TwistStamped, "magma/ee_twist", lambda m: self.twists.append(time.monotonic()),
-                              10)
+        def on_twist(m):
+            self.twist_sim.append(to_seconds(self.js_stamp) if self.js_stamp is not None else float("nan"))
+            self.twists.append(time.monotonic())
+
+        n.create_subscription(TwistStamped, "magma/ee_twist", on_twist, 10)
         n.create_subscription(String, "safety/state", lambda m: self.states.append(m.data), latched)
         n.create_subscription(String, "safety/source", lambda m: self.sources.append(m.data), latched)
         n.create_subscription(DiagnosticArray, "diagnostics", on_diag, 50)
@@ -347,6 +351,29 @@ class GraphProbe:
         self._thread.join(2)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time [s] a process has used so far (Linux ``/proc``); nan where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def step_rate(wall: list[float], sim: list[float]) -> tuple[float, float, float]:
+    """(rate in sim time [Hz], rate in wall time [Hz], real-time factor) of actions received at ``wall``
+    (monotonic seconds) and ``sim`` (the sim clock at the same moments); nan where undefined.
+
+    The sim-time rate is what the arm experiences; with a real-time factor below 1 (a slow or busy
+    host) the wall rate is lower by that factor while the policy still keeps its step.
+    """
+    nan = float("nan")
+    if len(wall) < 2 or len(sim) != len(wall):
+        return nan, nan, nan
+    n, dw, ds = len(wall) - 1, wall[-1] - wall[0], sim[-1] - sim[0]
+    return (n / ds if ds > 0 else nan), (n / dw if dw > 0 else nan), (ds / dw if dw > 0 else nan)
+
+
 def _ros_defaults() -> int | None:
     """Isolate the demo on this host unless the user chose a ROS domain; returns the domain picked."""
     os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
@@ -442,6 +469,7 @@ def _run(a) -> int:
         _say(f"first action after {t_first - t_start:.1f} s (model load + first inference); "
              f"instruction: '{a.instruction}'")
         n0 = len(probe.twists)
+        cpu0 = _graph_cpu(runner)
         last_report = time.monotonic()
         while len(probe.twists) < a.steps:
             if not alive():
@@ -454,7 +482,7 @@ def _run(a) -> int:
                 _say(f"  step {len(probe.twists)}/{a.steps}")
                 last_report = time.monotonic()
             time.sleep(0.05)
-        t_end = probe.twists[a.steps - 1]
+        cpu1 = _graph_cpu(runner)
         if a.tom_rate > 0 and not probe.has_tom:  # ToM runs only in the actions' slack: give it time
             _say("waiting up to 60 s for a ToM plan (it runs at low priority, between actions)")
             probe.wait_for(lambda: probe.has_tom, 60, alive=alive)
@@ -463,7 +491,8 @@ def _run(a) -> int:
         runner.stop()
         probe.close()
     steps = a.steps
-    rate = (steps - n0) / (t_end - t_first) if t_end > t_first and steps > n0 else float("nan")
+    sim_hz, wall_hz, rtf = step_rate(probe.twists[n0 - 1:steps], probe.twist_sim[n0 - 1:steps])
+    cpu = {k: (cpu1[k] - cpu0[k]) / max(steps - n0, 1) for k in cpu0 if k in cpu1}  # [s] per step
     if probe.tom_image is not None:
         import imageio.v2 as imageio
 
@@ -479,7 +508,10 @@ def _run(a) -> int:
         f"model            {model}" + ("  (RANDOM WEIGHTS: meaningless actions)" if constrained == "true"
                                            else ""),
         f"steps            {steps} policy actions (magma/ee_twist)",
-        f"control rate     {rate:.2f} Hz achieved (policy step period 0.2 s = 5 Hz target)",
+        f"control rate     {sim_hz:.2f} Hz achieved in sim time (the arm's clock; step period 0.2 s = 5 Hz "
+        f"target); {wall_hz:.2f} Hz wall, real-time factor {rtf:.2f}",
+        "cpu per step     " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in cpu.items())
+        + f" (total {1e3 * sum(cpu.values()):.0f} ms; load average {os.getloadavg()[0]:.1f})",
         f"controller cmds  {probe.command_count} at /{controller_topic(robot, a.controller)}, "
         f"{len(audit.violations)} outside limits (position, velocity, acceleration on real elapsed time)",
         f"arm motion       {moved:.3f} rad largest joint excursion",
@@ -494,6 +526,13 @@ def _run(a) -> int:
     for v in audit.violations[:5]:
         _say(f"LIMIT VIOLATION {v}")
     return 0 if ok and not audit.violations else 1
+
+
+def _graph_cpu(runner) -> dict[str, float]:
+    """CPU seconds used so far by each process of the graph and by this one (probe, video)."""
+    out = {label: process_cpu_seconds(p.pid) for label, p in runner.processes.items()}
+    out["demo"] = process_cpu_seconds(os.getpid())
+    return out
 
 
 def _fail(runner) -> int:

@@ -393,14 +393,20 @@ class TomWorker:
     default in the node) it shares nothing with the action path. When it shares the action model
     (``action_busy`` and ``slack`` given), a plan only *starts* while no action inference runs and
     the previous plan's duration fits in ``slack()`` (seconds until the next action is due).
+    ``max_duty`` caps the fraction of wall time spent planning: after a plan that took ``d`` seconds
+    the next one starts no sooner than ``d / max_duty`` after it began (and not before ``1 / rate``),
+    so a slow plan (a busy host, a long answer) stretches the period instead of taking a core.
     """
 
     def __init__(self, plan: Callable[[Frame, str], TomResult | None], rate: float,
                  publish: Callable[[TomResult], None], instruction: Callable[[], str],
                  action_busy: threading.Event | None = None, report: Callable[[str], None] | None = None,
-                 nice: int = 10, slack: Callable[[], float] | None = None):
+                 nice: int = 10, slack: Callable[[], float] | None = None, max_duty: float = 1.0):
+        if not 0.0 < max_duty <= 1.0:
+            raise ConfigError(f"tom max_duty must be in (0, 1], got {max_duty}")
         self.plan = plan
         self.period = 1.0 / rate if rate > 0 else math.inf
+        self.max_duty = float(max_duty)
         self.publish = publish
         self.instruction = instruction
         self.action_busy = action_busy
@@ -440,13 +446,18 @@ class TomWorker:
         self.count += 1
         return True
 
+    def pause_after(self, spent: float) -> float:
+        """Seconds to wait after a plan that took ``spent`` s: the rest of the period, or longer so that
+        planning stays within ``max_duty`` of the time."""
+        return max(self.period, spent / self.max_duty) - spent
+
     def _run(self) -> None:
         _lower_thread_priority(self.nice)
         while not self._stop.is_set():
             t0 = time.monotonic()
             done = self.step()
             if done:
-                rest = self.period - (time.monotonic() - t0)
+                rest = self.pause_after(time.monotonic() - t0)
                 if rest > 0:
                     self._stop.wait(rest)
 

@@ -2,7 +2,7 @@
 
 - :func:`declare_config` declares one ROS parameter per field of a component's config dataclass
   and parses the values back into that dataclass (the one place parameters are parsed).
-- :func:`run_node` is the standard skeleton: ``rclpy.init`` context, a multithreaded executor,
+- :func:`run_node` is the standard skeleton: ``rclpy.init`` context, an executor (single-threaded unless asked),
   clean exit on Ctrl-C / external shutdown, and one-line errors for user mistakes.
 - :func:`diagnostic_array` builds the one-status ``diagnostics`` message every node publishes.
 """
@@ -133,8 +133,14 @@ def _coerce(name: str, value, t):
     return value
 
 
-def run_node(make_node: Callable[[], object], args=None, threads: int = 2) -> int:
+def run_node(make_node: Callable[[], object], args=None, threads: int = 1) -> int:
     """Run a node built by ``make_node`` until shutdown. Returns the process exit status.
+
+    ``threads`` 1: a ``SingleThreadedExecutor`` -- for a node whose callbacks share one mutually
+    exclusive group (rclpy's default group), where more executor threads add no concurrency but cost a
+    lot: rclpy's ``MultiThreadedExecutor`` keeps waking while a callback of a busy exclusive group is
+    in flight (measured: most of the simulator's CPU, docs/performance.md). > 1: a
+    ``MultiThreadedExecutor`` for nodes with callbacks that must run concurrently.
 
     rclpy's own signal handlers are disabled: SIGINT/SIGTERM raise KeyboardInterrupt in the main
     thread, so the node's ``close()`` stops its worker threads while the context is still valid
@@ -143,7 +149,7 @@ def run_node(make_node: Callable[[], object], args=None, threads: int = 2) -> in
     import signal
 
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
     def _interrupt(signum, frame):
@@ -156,7 +162,7 @@ def run_node(make_node: Callable[[], object], args=None, threads: int = 2) -> in
     executor = None
     try:
         node = make_node()
-        executor = MultiThreadedExecutor(num_threads=threads)
+        executor = MultiThreadedExecutor(num_threads=threads) if threads > 1 else SingleThreadedExecutor()
         executor.add_node(node)
         while rclpy.ok():  # short waits: the SIGINT/SIGTERM handler runs between them
             executor.spin_once(timeout_sec=0.1)

@@ -80,15 +80,27 @@ class CameraPublisher:
         m.p = [float(x) for x in P.reshape(12)]
         return m
 
-    def publish(self, color: np.ndarray, depth: np.ndarray, K: np.ndarray, D: np.ndarray, stamp,
+    def wanted(self) -> tuple[bool, bool]:
+        """(colour, depth): whether anything subscribes to that image or its camera_info.
+
+        A simulator renders only what someone reads (a real camera streams regardless).
+        """
+        return (self.color.get_subscription_count() + self.color_info.get_subscription_count() > 0,
+                self.depth.get_subscription_count() + self.depth_info.get_subscription_count() > 0)
+
+    def publish(self, color: np.ndarray, depth: np.ndarray | None, K: np.ndarray, D: np.ndarray, stamp,
                 frame_id: str) -> None:
-        """Publish one frame: all four messages share ``stamp`` (builtin_interfaces/Time)."""
+        """Publish one frame: all four messages share ``stamp`` (builtin_interfaces/Time).
+
+        ``depth`` None (not rendered): only the colour image and its camera_info.
+        """
         h, w = color.shape[:2]
         info = self.info(K, D, w, h, stamp, frame_id)
         self.color.publish(self.image(color, "rgb8", stamp, frame_id))
         self.color_info.publish(info)
-        self.depth.publish(self.image(depth, "16UC1", stamp, frame_id))
-        self.depth_info.publish(info)
+        if depth is not None:
+            self.depth.publish(self.image(depth, "16UC1", stamp, frame_id))
+            self.depth_info.publish(info)
 
 
 @dataclass(frozen=True)

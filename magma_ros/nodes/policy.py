@@ -63,6 +63,8 @@ class PolicyNodeConfig:
     tom_rate: float = 0.0  # [Hz] Trace-of-Mark plans (local policy only); 0 = off
     tom_marks: int = 10  # marks placed per ToM plan
     tom_max_tokens: int = 256  # ToM answer length cap (tokens); bounds one plan's cost
+    tom_max_duty: float = 0.25  # at most this fraction of wall time goes to ToM plans (they compete with
+    #                             the action loop for cores and the interpreter lock); 1 = no cap
     tom_shared: bool = False  # False: ToM gets its own model instance (never waits for/blocks actions;
     #                           twice the memory); True: share the action model, plans start only
     #                           while the action loop is idle and the last plan fits in the slack
@@ -281,7 +283,8 @@ def make_node():
                 planner = make_tom_planner(tom_policy, self.cfg.tom_marks, self.cfg.tom_max_tokens, first)
                 self.tom = TomWorker(planner, self.cfg.tom_rate, self.publish_tom,
                                      lambda: self.loop.instruction, self.loop.busy if shared else None,
-                                     self.report, slack=self.loop.slack if shared else None)
+                                     self.report, slack=self.loop.slack if shared else None,
+                                     max_duty=self.cfg.tom_max_duty)
             self._init_tom_3d()
             self._init_ask()
             cb = MutuallyExclusiveCallbackGroup()
@@ -656,7 +659,7 @@ def main(args=None) -> int:
     """Console entry point (``magma_ros_policy``)."""
     from magma_ros.nodes._common import run_node
 
-    return run_node(make_node, args=args)
+    return run_node(make_node, args=args, threads=2)  # images, questions and services side by side
 
 
 if __name__ == "__main__":

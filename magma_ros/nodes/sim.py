@@ -70,7 +70,9 @@ class SimNodeConfig:
     width: int = 640  # [px]
     height: int = 480  # [px]
     joint_state_rate: float = 100.0  # [Hz, sim time]
-    clock_rate: float = 250.0  # [Hz, sim time]
+    # [Hz, sim time] every use_sim_time node handles each /clock message in Python (~0.3-0.9 ms here);
+    # their timers cannot fire more often than this (the safety output at 100 Hz needs 100)
+    clock_rate: float = 100.0
     tf_rate: float = 30.0  # [Hz, sim time] robot link transforms (when tf2_msgs is importable)
     report_period: float = 5.0  # [s wall] real-time factor in the log and on diagnostics
     max_lag: float = 0.2  # [s] when physics falls this far behind real time it stops catching up
@@ -163,6 +165,8 @@ def _make_node():
             self._stop = threading.Event()
             # rendering runs in its own thread on a snapshot, so physics keeps stepping meanwhile
             self.frames = self.dropped_frames = 0
+            self.unwatched_frames = 0  # frame times with no subscriber to colour or depth (not rendered)
+            self._render_depth = True
             self._snap = self.sim.snapshot()
             self._snap_t = 0.0
             self._render_req = threading.Event()
@@ -283,7 +287,7 @@ def _make_node():
                         continue
                     self._render_req.clear()
                     try:
-                        color, depth = self.sim.render_rgbd(self._snap)
+                        color, depth = self.sim.render_rgbd(self._snap, depth=self._render_depth)
                         info = self.sim.camera_info()
                         self.cam_pub.publish(color, depth, info.K, np.zeros(5), to_time_msg(self._snap_t),
                                              info.frame_id)
@@ -353,6 +357,10 @@ def _make_node():
                 m.velocity, m.effort = vel.tolist(), eff.tolist()
                 self.pub_js.publish(m)
             elif what == "cam" and self.cam_pub is not None:
+                color, depth = self.cam_pub.wanted()
+                if not (color or depth):  # nobody reads the camera: no frame to render
+                    self.unwatched_frames += 1
+                    return
                 if not self._render_idle.is_set():
                     if not self.cfg.render_sync:
                         self.dropped_frames += 1
@@ -363,6 +371,7 @@ def _make_node():
                 with self.lock:
                     self.sim.snapshot(self._snap)
                 self._snap_t = t
+                self._render_depth = depth
                 self._render_idle.clear()
                 self._render_req.set()
             elif what == "tf":
@@ -380,7 +389,8 @@ def _make_node():
             self.pub_diag.publish(diagnostic_array(
                 now, "sim", level, f"real-time factor {rtf:.2f}",
                 {"real_time_factor": f"{rtf:.3f}", "sim_time": f"{now:.3f}", "frames": self.frames,
-                 "dropped_frames": self.dropped_frames, "rejected_commands": self.rejected,
+                 "dropped_frames": self.dropped_frames, "unwatched_frames": self.unwatched_frames,
+                 "rejected_commands": self.rejected,
                  "command_publishers": self._arm_sub.get_publisher_count()},  # matched arm command writers
                 hardware_id=f"mujoco/{self.robot.name}"))
 

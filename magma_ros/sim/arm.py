@@ -211,12 +211,13 @@ class ArmSim:
         out.time = self.data.time
         return out
 
-    def render_rgbd(self, state: mujoco.MjData | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def render_rgbd(self, state: mujoco.MjData | None = None,
+                    depth: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Colour (H, W, 3) uint8 RGB and depth (H, W) uint16 [mm] from one render pass.
 
         Depth is along the optical axis (as a RealSense reports it); 0 where nothing is within
         ``camera.depth_max``. ``state``: render a :meth:`snapshot` instead of the live state.
-        Render from one thread (the GL context belongs to it).
+        ``depth=False``: colour only (depth None). Render from one thread (the GL context belongs to it).
         """
         if self._renderer is None:
             try:
@@ -231,7 +232,9 @@ class ArmSim:
             state = self.data
         else:
             mujoco.mj_forward(self.model, state)
-        rgb, d = self._renderer.render(state)
+        rgb, d = self._renderer.render(state, depth=depth)
+        if d is None:
+            return rgb, None
         ok = np.isfinite(d) & (d > 0) & (d < self.camera.depth_max)
         depth = np.where(ok, np.rint(d * 1000.0), 0).astype(np.uint16)
         return rgb, depth

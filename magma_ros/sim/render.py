@@ -36,15 +36,20 @@ class RgbdRenderer:
         self._rgb = np.empty((self.height, self.width, 3), np.uint8)
         self._z = np.empty((self.height, self.width), np.float32)
 
-    def render(self, data: mujoco.MjData) -> tuple[np.ndarray, np.ndarray]:
-        """(rgb (H, W, 3) uint8, depth (H, W) float32 [m]) for the current state of ``data``."""
+    def render(self, data: mujoco.MjData, depth: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(rgb (H, W, 3) uint8, depth (H, W) float32 [m]) for the current state of ``data``.
+
+        ``depth=False``: the depth buffer is neither read back nor converted (None; a third of the cost).
+        """
         if self._con is None:
             raise RuntimeError("renderer is closed")
         self._gl.make_current()
         mujoco.mjv_updateScene(self.model, data, self._opt, None, self._cam,
                                mujoco.mjtCatBit.mjCAT_ALL.value, self._scene)
         mujoco.mjr_render(self._rect, self._scene, self._con)
-        mujoco.mjr_readPixels(self._rgb, self._z, self._rect, self._con)
+        mujoco.mjr_readPixels(self._rgb, self._z if depth else None, self._rect, self._con)
+        if not depth:
+            return np.flipud(self._rgb).copy(), None
         extent = self.model.stat.extent
         near = np.float64(np.float32(self.model.vis.map.znear * extent))
         far = np.float64(np.float32(self.model.vis.map.zfar * extent))

@@ -270,6 +270,18 @@ def test_tom_worker_yields_to_the_action_path():
     assert w.step(0) is True and plans == [1.0] and len(done) == 1
 
 
+def test_tom_worker_stretches_its_period_to_stay_within_its_duty_cycle():
+    def plan(frame, instr):
+        return None
+
+    w = TomWorker(plan, rate=2.0, publish=lambda r: None, instruction=lambda: "x", max_duty=0.25)
+    assert w.pause_after(0.1) == pytest.approx(0.4)  # a quick plan: the rest of the 0.5 s period
+    assert w.pause_after(1.0) == pytest.approx(3.0)  # a 1 s plan: 25 % of 4 s, not back to back
+    assert TomWorker(plan, 2.0, lambda r: None, lambda: "x").pause_after(1.0) == 0.0  # no cap by default
+    with pytest.raises(ConfigError):
+        TomWorker(plan, 2.0, lambda r: None, lambda: "x", max_duty=0.0)
+
+
 def test_a_new_instruction_resets_the_policy_episode_before_the_next_inference():
     pol = ScriptedPolicy([[0.01, 0, 0, 0, 0, 0, 1], [0.02, 0, 0, 0, 0, 0, 1]])
     clock = Clock(0.0)

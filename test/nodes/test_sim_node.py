@@ -202,3 +202,18 @@ def _zero_stamp():
     from builtin_interfaces.msg import Time
 
     return Time()
+
+
+def test_frames_are_rendered_only_while_someone_reads_the_camera(nodes, rclpy_node):
+    proc = nodes.start("sim", {"robot": "fr3", "width": 160, "height": 120, "camera_fps": 5.0,
+                               "report_period": 0.5})
+    diag: list[dict] = []
+    rclpy_node.create_subscription(DiagnosticArray, "diagnostics",
+                                   lambda m: diag.append({kv.key: kv.value for kv in m.status[0].values}), 10)
+    # no camera subscriber: frame times pass unrendered
+    assert rclpy_node.spin_until(lambda: diag and int(diag[-1]["unwatched_frames"]) >= 3, WAIT), nodes.log(proc)
+    assert diag[-1]["frames"] == "0"
+    color: list[Image] = []
+    rclpy_node.create_subscription(Image, "camera/camera/color/image_raw", color.append, 5)
+    assert rclpy_node.spin_until(lambda: len(color) >= 2, WAIT), nodes.log(proc)  # rendered on demand
+    assert (color[-1].width, color[-1].height, color[-1].encoding) == (160, 120, "rgb8")
