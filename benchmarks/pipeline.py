@@ -1,14 +1,18 @@
 """Pipeline latency: image published -> command at the controller topic, without model time.
 
-The graph of ``launch/sim.launch.yaml`` runs in separate processes (MuJoCo sim with rendering off,
-safety, servo, and the policy node with ``policy:=scripted``, so inference costs ~0). This script
+The graph of ``launch/sim.launch.yaml`` runs in separate processes (MuJoCo sim rendering its camera at
+``--camera-fps``, 10 by default, as in the demo; safety, servo, and the policy node with ``policy:=scripted``,
+so inference costs ~0). This script
 publishes a 640x480 rgb8 image on the policy's image topic (stamped with the sim clock), then waits
 for the first command at the controller topic that differs from the one before the image. Stages
 are timed on the way: image -> ``magma/ee_twist`` (policy node), -> ``magma/joint_command`` (servo),
 -> ``<arm_controller>/joint_trajectory`` (safety; it streams at ``output_rate``, so this stage
 includes waiting for the next output tick). All times are arrival times in this process.
 
-    .venv/bin/python benchmarks/pipeline.py [--robot fr3] [--samples 60] [--no-write]
+    .venv/bin/python benchmarks/pipeline.py [--robot fr3] [--samples 60] [--camera-fps 10]
+                                            [--nodes-from OLD_CHECKOUT] [--no-write] [--json out.json]
+
+Per process CPU time over the measurement is reported beside the latencies (load-independent).
 """
 
 from __future__ import annotations
@@ -42,7 +46,11 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=60)
     ap.add_argument("--period", type=float, default=1.0, help="[s] between images (the arm settles)")
     ap.add_argument("--sizes", default="640x480,320x240", help="image sizes (rgb8) to measure, WxH,...")
+    ap.add_argument("--camera-fps", type=float, default=10.0, help="[Hz, sim time] the sim's own camera (0: off)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
+    ap.add_argument("--json", default="", help="also write the figures to this JSON file")
+    ap.add_argument("--nodes-from", default="", help="run the nodes from this checkout (PYTHONPATH of the node "
+                    "processes), e.g. the commit before a change, for a before/after comparison in one run")
     a = ap.parse_args(argv)
 
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 200)))
@@ -50,6 +58,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
     os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
     os.environ.setdefault("MUJOCO_GL", "egl")
+    from magma_ros.nodes._common import dds_defaults
+
+    dds_defaults()  # the image publisher here, as in the nodes
 
     from sensor_msgs.msg import Image
     from trajectory_msgs.msg import JointTrajectory
@@ -71,13 +82,15 @@ def main(argv=None) -> int:
         return 2
 
     args = {"robot": a.robot, "policy": "scripted", "scripted_actions": SCRIPT, "scripted_loop": "true",
-            "step_period": "0.2", "image_topic": IMAGE_TOPIC, "camera_fps": "0.0", "tom_rate": "0.0",
+            "step_period": "0.2", "image_topic": IMAGE_TOPIC, "camera_fps": str(a.camera_fps), "tom_rate": "0.0",
             "image_timeout": "5.0"}  # images carry the sim time this process last saw, which lags under load
     logs = Path(tempfile.mkdtemp(prefix="magma_pipeline_"))
-    runner = LaunchRunner("sim.launch.yaml", args, log_dir=logs, echo=False,
+    env = dict(os.environ, PYTHONPATH=str(Path(a.nodes_from).resolve())) if a.nodes_from else None
+    runner = LaunchRunner("sim.launch.yaml", args, env=env, log_dir=logs, echo=False,
                           required=("sim", "safety", "servo", "policy"))
     runner.start()
     results = {}
+    cpu, rtf = {}, float("nan")
     try:
         def up():
             return probe.js_stamp is not None and probe.command_count > 0
@@ -85,16 +98,31 @@ def main(argv=None) -> int:
         if not probe.wait_for(up, 120, alive=runner.running):
             print(f"graph did not come up (logs: {logs})", file=sys.stderr)
             return 1
+        from magma_ros.demo import process_cpu_seconds
+        from magma_ros.nodes._common import to_seconds
+
+        cpu0 = {k: process_cpu_seconds(p.pid) for k, p in runner.processes.items()}
+        t_cpu, sim0 = time.monotonic(), to_seconds(probe.js_stamp)
         for w, h in sizes:
             results[(w, h)] = measure(probe, pub, joint_cmds, runner, w, h, a.samples, a.period)
+        span, sim_span = time.monotonic() - t_cpu, to_seconds(probe.js_stamp) - sim0
+        cpu = {k: (process_cpu_seconds(p.pid) - cpu0[k]) / span for k, p in runner.processes.items()}
+        rtf = sim_span / span
     finally:
         runner.stop()
         probe.close()
-    md = [f"Pipeline latency, {a.robot}, scripted policy (no model time), jtc controller, MuJoCo sim with "
-          f"rendering off, all nodes in separate processes over Fast DDS (LARGE_DATA, localhost), one "
+    end_load = os.getloadavg()
+    where = "all nodes in separate processes"
+    cam = f"rendering its camera at {a.camera_fps:g} fps" if a.camera_fps > 0 else "rendering off"
+    md = [f"Pipeline latency, {a.robot}, scripted policy (no model time), jtc controller, MuJoCo sim {cam}, "
+          f"{where} over Fast DDS (LARGE_DATA, localhost)"
+          + (f", nodes from {a.nodes_from}" if a.nodes_from else "") + ", one "
           f"rgb8 image every {a.period:g} s on the policy's image topic.",
           f"Machine: {machine()}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-          f"(1/5/15 min) before the run — other jobs on this host inflate every figure.", ""]
+          f"(1/5/15 min) before the run, {end_load[0]:.1f} after — other jobs on this host inflate every figure.",
+          f"Sim real-time factor while measuring {rtf:.2f}; CPU [% of one core, per wall second]: "
+          + ", ".join(f"{k} {100 * v:.0f}" for k, v in cpu.items())
+          + "; per sim second: " + ", ".join(f"{k} {100 * v / rtf:.0f}" for k, v in cpu.items()) + ".", ""]
     for (w, h), (stages, misses, reasons) in results.items():
         md.append(f"{w}x{h}: {len(stages['total'])} images timed, {misses} gave no new command within 5 s"
                   + (" (" + "; ".join(f"{k}: {v}" for k, v in reasons.items()) + ")" if reasons else "") + ".")
@@ -111,6 +139,14 @@ def main(argv=None) -> int:
         return 1
     if not a.no_write:
         write_section("pipeline", "## Pipeline latency (image -> controller command)\n\n" + text)
+    if a.json:
+        import json
+
+        Path(a.json).write_text(json.dumps({
+            "load_before": load, "load_after": end_load, "nodes_from": a.nodes_from, "camera_fps": a.camera_fps,
+            "cpu_fraction": cpu, "rtf": rtf, "sizes": {f"{w}x{h}": {"misses": m, "stages": {
+                k: {"p50": pct(v, 50), "p99": pct(v, 99), "max": pct(v, 100), "n": len(v)}
+                for k, v in st.items()}} for (w, h), (st, m, _r) in results.items()}}, indent=1))
     return 0
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from magma_ros.core.errors import ConfigError, choose
 from magma_ros.core.limit_audit import LimitAudit
 from magma_ros.core.robot import ROBOTS, RobotConfig, load_robot
-from magma_ros.nodes._common import to_seconds
+from magma_ros.nodes._common import dds_defaults, to_seconds
 
 CONTROLLERS = ("jtc", "forward", "isaac")
 DEFAULT_INSTRUCTION = "pick up the red block"
@@ -379,6 +379,7 @@ def _ros_defaults() -> int | None:
     os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
     os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    dds_defaults()  # this process publishes too (the probe)
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
     if "ROS_DOMAIN_ID" in os.environ:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 from collections.abc import Callable, Mapping
@@ -133,6 +134,21 @@ def _coerce(name: str, value, t):
     return value
 
 
+# DDS settings this package's processes use unless the environment says otherwise. Fast DDS's
+# asynchronous publication (rmw_fastrtps' default) hands every message to a sender thread: measured
+# here, a 640x480 rgb8 image took 15 ms from publish to a subscriber's reply, 4 ms synchronously (a
+# small message 3.1 vs 1.2 ms); a keep-last writer never blocks on a slow reader either way.
+DDS_DEFAULTS = {"RMW_FASTRTPS_PUBLICATION_MODE": "SYNCHRONOUS"}
+
+
+def dds_defaults(env: dict | None = None) -> dict:
+    """Set :data:`DDS_DEFAULTS` in ``env`` (default: ``os.environ``, before ``rclpy.init``) where unset."""
+    env = os.environ if env is None else env
+    for k, v in DDS_DEFAULTS.items():
+        env.setdefault(k, v)
+    return env
+
+
 def run_node(make_node: Callable[[], object], args=None, threads: int = 1) -> int:
     """Run a node built by ``make_node`` until shutdown. Returns the process exit status.
 
@@ -157,6 +173,7 @@ def run_node(make_node: Callable[[], object], args=None, threads: int = 1) -> in
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    dds_defaults()
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = None
     executor = None

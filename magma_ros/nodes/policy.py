@@ -659,7 +659,7 @@ def main(args=None) -> int:
     """Console entry point (``magma_ros_policy``)."""
     from magma_ros.nodes._common import run_node
 
-    return run_node(make_node, args=args, threads=2)  # images, questions and services side by side
+    return run_node(make_node, args=args)  # callbacks only hand over: inference, ToM and questions have threads
 
 
 if __name__ == "__main__":
