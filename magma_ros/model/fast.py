@@ -28,7 +28,7 @@ moving the left padding behind the shared prefix changes nothing but lets every 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -657,7 +657,8 @@ class FastGenerator:
                  pixel_values: Tensor | None = None, image_sizes: Tensor | None = None,
                  max_new_tokens: int = 7,
                  allowed_token_ids: Sequence[int] | Sequence[Sequence[int] | None] | Tensor | None = None,
-                 pixel_upsample: int = 1, sampling: Sampling | None = None) -> Tensor:
+                 pixel_upsample: int = 1, sampling: Sampling | None = None,
+                 between_steps: Callable[[], None] | None = None) -> Tensor:
         """Greedy tokens (B, n), n ≤ max_new_tokens (shorter only when every row hit EOS, as ``generate``).
 
         ``allowed_token_ids``: ids the argmax may pick at every step, or one entry per step
@@ -666,6 +667,8 @@ class FastGenerator:
         normalized frames before the processor's exact 2x resize, which the NHWC tower folds into
         its stem; any other path performs the resize first).
         ``sampling``: draw each token from the tempered (top-k) softmax instead (:class:`Sampling`).
+        ``between_steps``: called before every decode step (a long answer yields to more urgent work:
+        the policy node's ToM and question instances wait there while an action is inferred).
         """
         e = self.engine
         if attention_mask is None:
@@ -746,6 +749,8 @@ class FastGenerator:
         # the loop would wait for the queued GPU work: a host sync per step)
         slots = torch.arange(L, L + max_new_tokens, device=self.device)  # (n,)
         for t in range(1, max_new_tokens):
+            if between_steps is not None:
+                between_steps()
             slot = L + t - 1
             cur_pos = cur_pos + 1
             valid[:, slot] = True

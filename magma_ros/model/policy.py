@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +194,9 @@ class MagmaPolicy:
                 log.warning("fast engine unavailable (%s: %s); using transformers generate",
                             type(e).__name__, e)
         self.engine = engine
+        # called between generated tokens of ToM plans and answers (not of actions: 7 tokens); the policy
+        # node sets it on its second instance to wait while the action instance infers
+        self.yield_to: Callable[[], None] | None = None
         self._sampling = None
         if self.temperature > 0:
             import torch
@@ -285,14 +289,15 @@ class MagmaPolicy:
         return ids
 
     def _generate(self, input_ids, mask, pv, sizes, upsample: int = 1, max_new_tokens: int = 7, allowed=None,
-                  sample: bool = False):
+                  sample: bool = False, yield_to: Callable[[], None] | None = None):
         """New token ids (B, n) as a numpy int64 array (``upsample``: see `preprocess_fast`;
-        ``sample``: use the policy's sampling settings, when it has any)."""
+        ``sample``: use the policy's sampling settings, when it has any; ``yield_to``: called between
+        generated tokens)."""
         if self._fast is not None:
             try:
                 out = self._fast.generate(input_ids, mask, pv, sizes, max_new_tokens=max_new_tokens,
                                           allowed_token_ids=allowed, pixel_upsample=upsample,
-                                          sampling=self._sampling if sample else None)
+                                          sampling=self._sampling if sample else None, between_steps=yield_to)
                 return out.cpu().numpy()
             except ValueError:
                 raise
@@ -307,6 +312,10 @@ class MagmaPolicy:
             from transformers import LogitsProcessorList
 
             kw["logits_processor"] = LogitsProcessorList([_AllowedTokens(allowed)])
+        if yield_to is not None:
+            from transformers import StoppingCriteriaList
+
+            kw["stopping_criteria"] = StoppingCriteriaList([_Yield(yield_to)])
         if sample and self._sampling is not None:
             # transformers' sampler draws from torch's global generator: repeatable with
             # torch.manual_seed, not with this policy's seed
@@ -394,7 +403,7 @@ class MagmaPolicy:
                                   self.mm_use_image_start_end)
         with self._lock:
             batch = self._batch([text], [[img]], robot=True)  # the demo resizes to 256x256 too
-            gen = self._generate(*batch, max_new_tokens=max_new_tokens)
+            gen = self._generate(*batch, max_new_tokens=max_new_tokens, yield_to=self.yield_to)
         answer = self.tokenizer.decode(gen[0].tolist(), skip_special_tokens=True)
         h, w = img.shape[:2]
         res = parse_traces(answer, w, h)
@@ -442,8 +451,21 @@ class MagmaPolicy:
         self.last_prompt = text
         with self._lock:
             batch = self._batch([text], [imgs], robot=False)
-            gen = self._generate(*batch, max_new_tokens=int(max_new_tokens))
+            gen = self._generate(*batch, max_new_tokens=int(max_new_tokens), yield_to=self.yield_to)
         return self.tokenizer.decode(gen[0].tolist(), skip_special_tokens=True).strip()
+
+
+class _Yield:
+    """transformers StoppingCriteria that never stops: calls ``fn`` after every generated token."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.fn()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class _AllowedTokens:

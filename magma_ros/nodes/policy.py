@@ -8,7 +8,9 @@ Run: ``python -m magma_ros.nodes.policy --ros-args -p policy:=local -p model:=/p
 from __future__ import annotations
 
 import math
+import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,11 +62,18 @@ class PolicyNodeConfig:
     # servo and safety processes on a small CPU host, more than 1 makes OpenMP workers wait for cores
     # (measured on 2 shared cores: 1 thread 59 ms CPU per tiny step, 2 threads 625 ms)
     torch_threads: int = 1
+    # [s] Python's interpreter-lock switch interval (sys.setswitchinterval; 0 = Python's 5 ms). A ToM or
+    # question thread in this process holds the lock between torch ops for up to this long each time
+    # the action thread wants it back (measured: fr3 demo with ToM at 0.5 Hz, 4.48 Hz at 5 ms)
+    switch_interval: float = 0.0005
     tom_rate: float = 0.0  # [Hz] Trace-of-Mark plans (local policy only); 0 = off
     tom_marks: int = 10  # marks placed per ToM plan
     tom_max_tokens: int = 256  # ToM answer length cap (tokens); bounds one plan's cost
     tom_max_duty: float = 0.25  # at most this fraction of wall time goes to ToM plans (they compete with
     #                             the action loop for cores and the interpreter lock); 1 = no cap
+    # the second instance (ToM, questions) pauses between its tokens while an action is inferred
+    # (measured: fr3 demo with ToM at 0.5 Hz, 4.74-4.98 Hz without, docs/performance.md)
+    side_yields: bool = True
     tom_shared: bool = False  # False: ToM gets its own model instance (never waits for/blocks actions;
     #                           twice the memory); True: share the action model, plans start only
     #                           while the action loop is idle and the last plan fits in the slack
@@ -259,6 +268,8 @@ def make_node():
             if self.tom_mode and not (self.cfg.tom_rate > 0 and self.cfg.tom_3d):
                 raise ConfigError("action_source:=tom follows ToM plans in 3-D: it needs tom_rate > 0 and tom_3d:=true")
             _set_torch_threads(self.cfg.torch_threads)
+            if self.cfg.switch_interval > 0:
+                sys.setswitchinterval(self.cfg.switch_interval)
             self.policy, self.step_period = build_policy(self.cfg, self.get_namespace())
             self._side = None  # a second model instance for ToM / questions (never the action model)
             self._side_lock = threading.Lock()
@@ -317,7 +328,18 @@ def make_node():
                 if self._side is None:
                     # own instance: own lock, runs concurrently
                     self._side, _ = build_policy(self.cfg, self.get_namespace())
+                    if self.cfg.side_yields and hasattr(self._side, "yield_to"):
+                        self._side.yield_to = self._yield_to_actions
                 return self._side
+
+        def _yield_to_actions(self) -> None:
+            """Between the tokens of a ToM plan or an answer (the second instance): wait while an action
+            is inferred, so the action path keeps its step on a small CPU (cores and the interpreter
+            lock); at most 1 s per token."""
+            busy = self.loop.busy
+            deadline = time.monotonic() + 1.0
+            while busy.is_set() and time.monotonic() < deadline:
+                time.sleep(0.002)
 
         # ---------------------------------------------------------- ToM in 3-D
         def _init_tom_3d(self) -> None:

@@ -532,6 +532,38 @@ def test_policy_passes_fast_options_and_uses_fast_preprocessing(model, ckpt):
     assert off.engine_name == "fast" and off._fast.compile is None and off._fast.quant_backend is None
 
 
+@pytest.mark.parametrize("engine", ["fast", "plain"])
+def test_long_answers_pause_between_tokens_for_the_action_path(model, ckpt, engine):
+    """``yield_to`` (the policy node's second instance: wait while an action is inferred) runs before
+    every generated token after the first, blocks the answer while it blocks, and changes no token."""
+    import threading
+    import time
+
+    from magma_ros.model.policy import MagmaPolicy
+    from magma_ros.model.tokenizer import load_tokenizer
+
+    pol = MagmaPolicy(model, tokenizer=load_tokenizer(ckpt), engine=engine)
+    img = np.random.default_rng(6).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    ref = pol.ask([img], "what is on the table?", max_new_tokens=12)
+    calls = []
+    go = threading.Event()
+
+    def wait_for_actions():  # the action path is "busy" until go is set
+        calls.append(time.monotonic())
+        go.wait()
+
+    pol.yield_to = wait_for_actions
+    out = []
+    th = threading.Thread(target=lambda: out.append(pol.ask([img], "what is on the table?", max_new_tokens=12)))
+    th.start()
+    th.join(1.0)
+    assert th.is_alive() and len(calls) == 1 and not out  # paused at the first token boundary
+    go.set()
+    th.join(30)
+    assert out == [ref]
+    assert 1 <= len(calls) <= 12  # once per generated token after the first (fewer after an early EOS)
+
+
 @pytest.mark.slow
 def test_compiled_step_gives_the_plain_tokens(model):
     """compile="default" (Inductor): the decode step and the NHWC vision tower with the folded 2x

@@ -116,7 +116,8 @@ def test_tom_traces_come_back_in_pixels_of_the_input_image(policy, image, monkey
     ids = np.array([policy.tokenizer(answer, add_special_tokens=False)["input_ids"]])
     seen = {}
 
-    def fake_generate(input_ids, mask, pv, sizes, upsample=1, max_new_tokens=7, allowed=None, sample=False):
+    def fake_generate(input_ids, mask, pv, sizes, upsample=1, max_new_tokens=7, allowed=None, sample=False,
+                      yield_to=None):
         seen["ids"] = input_ids[0].tolist()
         return ids
 
