@@ -20,6 +20,8 @@ a robot.
 
 from __future__ import annotations
 
+import math
+
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -99,13 +101,14 @@ class SafetyNode(Node):
             self.create_subscription(Empty, "safety/estop", self._on_estop, qos, callback_group=group)
         self.create_service(Trigger, "safety/reset", self._on_reset, callback_group=group)
         self.create_service(Trigger, "safety/resume_policy", self._on_resume, callback_group=group)
-        self.create_timer(dt, self._tick, callback_group=group)  # node clock: honours use_sim_time
+        self._timer = self.create_timer(dt, self._tick, callback_group=group)  # node clock: honours use_sim_time
         self.create_timer(1.0, lambda: self._publish_status(force=True), callback_group=group)
 
         self._last_status = None
         self._last_rejection = ""
         self._rejections = 0
         self._ticks = 0
+        self._last_tick = -math.inf  # [s] filter time of the last output step
         self._internal_errors = 0
         self._internal_error = ""  # the last internal error (reported until the node restarts)
         self._last_out = None  # the last output published (the fallback hold)
@@ -159,8 +162,10 @@ class SafetyNode(Node):
             return
         if not verdict.accepted:
             self._note_rejection(f"{source} command rejected: {verdict.reason}")
-        elif verdict.reason:
+            return
+        if verdict.reason:
             self.get_logger().warning(f"{source} command: {verdict.reason}", throttle_duration_sec=1.0)
+        self._output_now(t)
 
     def _note_rejection(self, text: str) -> None:
         self._rejections += 1
@@ -171,10 +176,12 @@ class SafetyNode(Node):
 
     def _on_estop(self, _msg: Empty) -> None:
         was = self.filter.estopped
-        self.filter.estop(self._now())
+        t = self._now()
+        self.filter.estop(t)
         if not was:
             self.get_logger().error("E-STOP latched: controlled stop, then hold (safety/reset releases)")
             self._publish_status(force=True)
+            self._output_now(t)
 
     def _on_reset(self, _req, resp):
         resp.success, resp.message = self.filter.reset(self._now())
@@ -192,8 +199,17 @@ class SafetyNode(Node):
         return resp
 
     # ------------------------------------------------------------------------------------ outputs
+    def _output_now(self, t: float) -> None:
+        """An accepted command or an e-stop goes out at once rather than at the next tick (on average
+        half a period later); the tick timer restarts from here. At most one such output per half period,
+        so no input rate can push the output rate above twice ``output_rate``."""
+        if self.cfg.output_on_command and t - self._last_tick >= 0.5 * self.dt - 1e-9:
+            self._timer.reset()
+            self._tick()
+
     def _tick(self) -> None:
         t = self._now()
+        self._last_tick = t
         self._ticks += 1
         try:
             self._inject_fault()

@@ -671,3 +671,52 @@ def test_exception_in_the_tick_keeps_publishing_the_hold(nodes, rclpy_node, faul
     assert "internal error" in nodes.log(proc)
     assert not probe.audit(), probe.audit()[:5]
     assert proc.poll() is None
+
+
+def test_a_command_and_an_estop_go_out_at_once_not_at_the_next_tick(nodes, rclpy_node):
+    """output_on_command: with /clock held 5.5 ms after a tick (the next one is 3.5-4.5 ms away), an accepted
+    command is output at once, stamped with that instant; the ticks then resume a full period later;
+    a second command within half a period adds no output (the output rate stays bounded); an e-stop
+    also goes out at once."""
+    r = load_robot("fr3")
+    proc, params = start(nodes, use_sim_time=True)
+    probe = Probe(rclpy_node, r, params, sim_rate=0.25)
+    alive(nodes, probe=probe, proc=proc)
+    assert probe.wait(lambda: len(probe.outs) > 5, 15.0), nodes.log(proc)
+    probe.sim_rate = 0.0  # /clock stands still from here on; only this test moves it, forward
+    probe.sleep(0.3)
+    n = len(probe.outs)
+    for _ in range(40):  # 1 ms at a time until the node ticks: the timer was due within the last 1 ms
+        probe.sim_t += 0.001
+        if probe.wait(lambda: len(probe.outs) > n, 0.15):
+            break
+    t_tick = probe.stamps[-1]
+    probe.sim_t = t_tick + 0.0055  # the next tick is due 3.5-4.5 ms later
+    n = len(probe.outs)
+    probe.sleep(0.5)
+    assert len(probe.outs) == n  # no tick is due yet
+    target = r.home.copy()
+    target[0] += 0.05
+    probe.command([target], [0.5])
+    assert probe.wait(lambda: len(probe.outs) > n, 5.0), nodes.log(proc)
+    assert probe.stamps[-1] == pytest.approx(t_tick + 0.0055, abs=1e-6)  # at once, not at the next tick
+    assert probe.last()[0] > r.home[0]  # and it follows the command
+    n = len(probe.outs)
+    probe.command([target], [0.5])  # again within half a period: no extra output
+    probe.sleep(0.3)
+    assert len(probe.outs) == n
+    probe.sim_t = t_tick + 0.0105  # the old tick would be due now: the timer restarted instead
+    probe.sleep(0.5)
+    assert len(probe.outs) == n
+    probe.sim_t = t_tick + 0.016  # one period after the immediate output
+    assert probe.wait(lambda: len(probe.outs) > n, 5.0)
+    assert probe.stamps[-1] == pytest.approx(t_tick + 0.016, abs=1e-6)
+    n = len(probe.outs)
+    probe.sim_t += 0.007
+    probe.sleep(0.3)  # the node sees the clock there (no tick due: 3 ms to go)
+    assert len(probe.outs) == n
+    probe.estop_pub.publish(probe._E())
+    assert probe.wait(lambda: len(probe.outs) > n, 5.0)
+    assert probe.stamps[n] == pytest.approx(probe.sim_t, abs=1e-6)  # the stop starts at once
+    assert probe.wait_state(lambda s: s in ("stopping", "estopped"))
+    assert not probe.audit(), probe.audit()[:5]
