@@ -102,8 +102,8 @@ class SafetyConfig:
     #                         this much late (scheduler jitter); a later one still keeps the position
     #                         limits and may exceed the acceleration limit near a bound (docs/safety.md)
     output_on_command: bool = True  # node: an accepted command or an e-stop is output at once (the
-    #                                 output ticks go on one period later) when the last output is at
-    #                                 least half a period old; false: outputs only on the output_rate ticks
+    #                                 output ticks go on one period later), at most once between two
+    #                                 ticks; false: outputs only on the output_rate ticks
     max_output_gap: float = 0.05  # [s] forward/isaac: a longer gap between outputs (the node was not
     #                               scheduled) is an interruption: the controller held, restart at rest
     following_error: bool = True  # hold when the measured arm departs from its command (robot YAML

@@ -20,8 +20,6 @@ a robot.
 
 from __future__ import annotations
 
-import math
-
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -108,7 +106,7 @@ class SafetyNode(Node):
         self._last_rejection = ""
         self._rejections = 0
         self._ticks = 0
-        self._last_tick = -math.inf  # [s] filter time of the last output step
+        self._extra_out = False  # the last output step was an extra one (output_on_command), not a tick
         self._internal_errors = 0
         self._internal_error = ""  # the last internal error (reported until the node restarts)
         self._last_out = None  # the last output published (the fallback hold)
@@ -165,7 +163,7 @@ class SafetyNode(Node):
             return
         if verdict.reason:
             self.get_logger().warning(f"{source} command: {verdict.reason}", throttle_duration_sec=1.0)
-        self._output_now(t)
+        self._output_now()
 
     def _note_rejection(self, text: str) -> None:
         self._rejections += 1
@@ -181,7 +179,7 @@ class SafetyNode(Node):
         if not was:
             self.get_logger().error("E-STOP latched: controlled stop, then hold (safety/reset releases)")
             self._publish_status(force=True)
-            self._output_now(t)
+            self._output_now()
 
     def _on_reset(self, _req, resp):
         resp.success, resp.message = self.filter.reset(self._now())
@@ -199,17 +197,17 @@ class SafetyNode(Node):
         return resp
 
     # ------------------------------------------------------------------------------------ outputs
-    def _output_now(self, t: float) -> None:
+    def _output_now(self) -> None:
         """An accepted command or an e-stop goes out at once rather than at the next tick (on average
-        half a period later); the tick timer restarts from here. At most one such output per half period,
-        so no input rate can push the output rate above twice ``output_rate``."""
-        if self.cfg.output_on_command and t - self._last_tick >= 0.5 * self.dt - 1e-9:
+        half a period later); the tick timer restarts from here. At most one such output between two
+        ticks, so no input rate can push the output rate above twice ``output_rate``."""
+        if self.cfg.output_on_command and not self._extra_out:
             self._timer.reset()
-            self._tick()
+            self._tick(extra=True)
 
-    def _tick(self) -> None:
+    def _tick(self, extra: bool = False) -> None:
         t = self._now()
-        self._last_tick = t
+        self._extra_out = extra
         self._ticks += 1
         try:
             self._inject_fault()

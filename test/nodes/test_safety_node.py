@@ -676,7 +676,7 @@ def test_exception_in_the_tick_keeps_publishing_the_hold(nodes, rclpy_node, faul
 def test_a_command_and_an_estop_go_out_at_once_not_at_the_next_tick(nodes, rclpy_node):
     """output_on_command: with /clock held 5.5 ms after a tick (the next one is 3.5-4.5 ms away), an accepted
     command is output at once, stamped with that instant; the ticks then resume a full period later;
-    a second command within half a period adds no output (the output rate stays bounded); an e-stop
+    a second command before the next tick adds no output (the output rate stays bounded); an e-stop
     also goes out at once."""
     r = load_robot("fr3")
     proc, params = start(nodes, use_sim_time=True)
@@ -702,7 +702,7 @@ def test_a_command_and_an_estop_go_out_at_once_not_at_the_next_tick(nodes, rclpy
     assert probe.stamps[-1] == pytest.approx(t_tick + 0.0055, abs=1e-6)  # at once, not at the next tick
     assert probe.last()[0] > r.home[0]  # and it follows the command
     n = len(probe.outs)
-    probe.command([target], [0.5])  # again within half a period: no extra output
+    probe.command([target], [0.5])  # again before the next tick: no second extra output
     probe.sleep(0.3)
     assert len(probe.outs) == n
     probe.sim_t = t_tick + 0.0105  # the old tick would be due now: the timer restarted instead
