@@ -52,15 +52,17 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes-from", default="", help="run the nodes from this checkout (PYTHONPATH of the node "
                     "processes), e.g. the commit before a change, for a before/after comparison in one run")
     a = ap.parse_args(argv)
+    a.json = str(Path(a.json).resolve()) if a.json else ""  # (the working directory may change below)
 
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 200)))
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
     os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
     os.environ.setdefault("MUJOCO_GL", "egl")
-    from magma_ros.nodes._common import dds_defaults
+    if not a.nodes_from:  # (another checkout's nodes run with the DDS settings they had)
+        from magma_ros.nodes._common import dds_defaults
 
-    dds_defaults()  # the image publisher here, as in the nodes
+        dds_defaults()  # the image publisher here, as in the nodes
 
     from sensor_msgs.msg import Image
     from trajectory_msgs.msg import JointTrajectory
@@ -85,7 +87,10 @@ def main(argv=None) -> int:
             "step_period": "0.2", "image_topic": IMAGE_TOPIC, "camera_fps": str(a.camera_fps), "tom_rate": "0.0",
             "image_timeout": "5.0"}  # images carry the sim time this process last saw, which lags under load
     logs = Path(tempfile.mkdtemp(prefix="magma_pipeline_"))
-    env = dict(os.environ, PYTHONPATH=str(Path(a.nodes_from).resolve())) if a.nodes_from else None
+    env = None
+    if a.nodes_from:  # python -m puts the working directory first on sys.path: start the nodes there
+        env = dict(os.environ, PYTHONPATH=str(Path(a.nodes_from).resolve()))
+        os.chdir(Path(a.nodes_from).resolve())
     runner = LaunchRunner("sim.launch.yaml", args, env=env, log_dir=logs, echo=False,
                           required=("sim", "safety", "servo", "policy"))
     runner.start()

@@ -422,7 +422,7 @@ def main() -> int:
 
     lines = ["## Safety filter (`benchmarks/safety.py`)", "",
              f"Machine: {machine()}; load average (1/5/15 min) {uptime} before and {uptime_after} after the run "
-             "(`uptime`): a machine shared with other engineers' jobs, so wall times include waiting for a "
+             "(`uptime`); on a loaded machine wall times include waiting for a "
              "core; CPU times do not.", "",
              "| core operation (FR3, 7 joints) | µs wall | µs CPU |", "|---|---|---|"]
     lines += [f"| {k} | {w:.1f} | {c:.1f} |" for k, (w, c) in cost.items()]
