@@ -413,8 +413,9 @@ def test_runner_starts_real_nodes_with_params_remaps_namespace(ros_env, rclpy_no
                               log_dir=tmp_path / "logs", stream=stream)
         with runner:
             assert rclpy_node.spin_until(lambda: got, timeout=30), runner.log_text("talker_a")
-            names = rclpy_node.get_node_names_and_namespaces()
-            assert ("talker_a", "/ns1") in names
+            # the node's name reaches the graph by discovery, which may come after its first message
+            assert rclpy_node.spin_until(lambda: ("talker_a", "/ns1") in rclpy_node.get_node_names_and_namespaces(),
+                                         timeout=15), rclpy_node.get_node_names_and_namespaces()
             proc = runner.processes["talker_a"]
             assert proc.poll() is None
         assert proc.poll() is not None  # stopped on exit of the with block (SIGINT: clean exit)
