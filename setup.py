@@ -25,7 +25,7 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", _files("launch/*.launch.*")),
         (f"share/{PACKAGE}/urdf", _files("urdf/*.urdf")),
-        (f"share/{PACKAGE}/config", _files("config/*.yaml")),
+        (f"share/{PACKAGE}/config", _files("config/*.yaml") + _files("config/*.xml")),
         (f"share/{PACKAGE}/config/robots", _files("config/robots/*.yaml")),
         (f"share/{PACKAGE}/config/cameras", _files("config/cameras/*.yaml")),
         (f"share/{PACKAGE}/config/sim", _files("config/sim/*.yaml")),

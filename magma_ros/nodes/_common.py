@@ -134,18 +134,27 @@ def _coerce(name: str, value, t):
     return value
 
 
-# DDS settings this package's processes use unless the environment says otherwise. Fast DDS's
-# asynchronous publication (rmw_fastrtps' default) hands every message to a sender thread: measured
-# here, a 640x480 rgb8 image took 15 ms from publish to a subscriber's reply, 4 ms synchronously (a
-# small message 3.1 vs 1.2 ms); a keep-last writer never blocks on a slow reader either way.
+# DDS settings this package's processes use unless the environment says otherwise (docs/nodes.md):
+# - synchronous publication: Fast DDS's asynchronous mode (rmw_fastrtps' default) hands every message
+#   to a sender thread (a small message's round trip 3.1 vs 1.2 ms here); a keep-last writer never
+#   blocks on a slow reader either way;
+# - config/fastdds.xml: shared memory with a segment an image fits in (a 640x480 image's round trip
+#   14-15 ms with the default 512 KiB segment, 4.4-4.7 ms with it).
 DDS_DEFAULTS = {"RMW_FASTRTPS_PUBLICATION_MODE": "SYNCHRONOUS"}
 
 
 def dds_defaults(env: dict | None = None) -> dict:
-    """Set :data:`DDS_DEFAULTS` in ``env`` (default: ``os.environ``, before ``rclpy.init``) where unset."""
+    """Set :data:`DDS_DEFAULTS` and the Fast DDS profiles file in ``env`` (default: ``os.environ``,
+    before ``rclpy.init``) where unset."""
     env = os.environ if env is None else env
     for k, v in DDS_DEFAULTS.items():
         env.setdefault(k, v)
+    if "FASTDDS_DEFAULT_PROFILES_FILE" not in env and "FASTRTPS_DEFAULT_PROFILES_FILE" not in env:
+        from magma_ros.core.paths import data_path
+
+        profile = data_path("config", "fastdds.xml")
+        if profile.is_file():
+            env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
     return env
 
 

@@ -64,3 +64,26 @@ def test_time_and_duration_messages_round_trip_with_nanosec_in_range(t):
     for msg in (to_duration_msg(t), to_time_msg(t) if t >= 0 else to_duration_msg(t)):
         assert 0 <= msg.nanosec < 1_000_000_000  # 2.9999999999 s must not give nanosec == 1e9
         assert abs(to_seconds(msg) - t) < 1e-6
+
+
+def test_dds_defaults_fill_only_what_the_user_left_unset():
+    """Every node process publishes synchronously and uses config/fastdds.xml (shared memory with a
+    segment a 640x480 image fits in), unless the environment already chose; the profile is a Fast DDS
+    participant profile whose SHM segment holds a 640x480 RGB image in one piece."""
+    import xml.etree.ElementTree as ET
+
+    from magma_ros.nodes._common import dds_defaults
+
+    env = dds_defaults({})
+    assert env["RMW_FASTRTPS_PUBLICATION_MODE"] == "SYNCHRONOUS"
+    ns = {"d": "http://www.eprosima.com"}
+    root = ET.parse(env["FASTDDS_DEFAULT_PROFILES_FILE"]).getroot()
+    shm = [t for t in root.iterfind(".//d:transport_descriptor", ns) if t.findtext("d:type", namespaces=ns) == "SHM"]
+    assert len(shm) == 1 and int(shm[0].findtext("d:segment_size", namespaces=ns)) >= 4 * 640 * 480 * 3
+    part = root.find(".//d:participant", ns)
+    assert part.get("is_default_profile") == "true"
+    assert part.findtext("d:rtps/d:useBuiltinTransports", namespaces=ns) == "false"
+    used = [e.text for e in part.iterfind("d:rtps/d:userTransports/d:transport_id", ns)]
+    assert shm[0].findtext("d:transport_id", namespaces=ns) in used and len(used) == 2  # + UDPv4 (discovery)
+    mine = {"RMW_FASTRTPS_PUBLICATION_MODE": "ASYNCHRONOUS", "FASTRTPS_DEFAULT_PROFILES_FILE": "/lab/dds.xml"}
+    assert dds_defaults(dict(mine)) == mine  # the user's choices stay, and no second profile is added
