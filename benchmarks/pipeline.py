@@ -6,8 +6,8 @@ so inference costs ~0). This script
 publishes a 640x480 rgb8 image on the policy's image topic (stamped with the sim clock), then waits
 for the first command at the controller topic that differs from the one before the image. Stages
 are timed on the way: image -> ``magma/ee_twist`` (policy node), -> ``magma/joint_command`` (servo),
--> ``<arm_controller>/joint_trajectory`` (safety; it streams at ``output_rate``, so this stage
-includes waiting for the next output tick). All times are arrival times in this process.
+-> ``<arm_controller>/joint_trajectory`` (safety; an accepted command goes out at once, at most once
+between two output ticks, else at the next one). All times are arrival times in this process.
 
     .venv/bin/python benchmarks/pipeline.py [--robot fr3] [--samples 60] [--camera-fps 10]
                                             [--nodes-from OLD_CHECKOUT] [--no-write] [--json out.json]
@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--camera-fps", type=float, default=10.0, help="[Hz, sim time] the sim's own camera (0: off)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
-    ap.add_argument("--nodes-from", default="", help="run the nodes from this checkout (PYTHONPATH of the node "
-                    "processes), e.g. the commit before a change, for a before/after comparison in one run")
+    ap.add_argument("--nodes-from", default="", help="run the nodes from this checkout (their working directory "
+                    "and PYTHONPATH), e.g. the commit before a change, for a before/after comparison in one run")
     a = ap.parse_args(argv)
     a.json = str(Path(a.json).resolve()) if a.json else ""  # (the working directory may change below)
 
@@ -103,24 +103,23 @@ def main(argv=None) -> int:
         if not probe.wait_for(up, 120, alive=runner.running):
             print(f"graph did not come up (logs: {logs})", file=sys.stderr)
             return 1
-        from magma_ros.demo import process_cpu_seconds
+        from magma_ros.demo import graph_cpu_seconds
         from magma_ros.nodes._common import to_seconds
 
-        cpu0 = {k: process_cpu_seconds(p.pid) for k, p in runner.processes.items()}
+        cpu0 = graph_cpu_seconds(runner, this=None)
         t_cpu, sim0 = time.monotonic(), to_seconds(probe.js_stamp)
         for w, h in sizes:
             results[(w, h)] = measure(probe, pub, joint_cmds, runner, w, h, a.samples, a.period)
         span, sim_span = time.monotonic() - t_cpu, to_seconds(probe.js_stamp) - sim0
-        cpu = {k: (process_cpu_seconds(p.pid) - cpu0[k]) / span for k, p in runner.processes.items()}
+        cpu = {k: (v - cpu0[k]) / span for k, v in graph_cpu_seconds(runner, this=None).items()}
         rtf = sim_span / span
     finally:
         runner.stop()
         probe.close()
     end_load = os.getloadavg()
-    where = "all nodes in separate processes"
     cam = f"rendering its camera at {a.camera_fps:g} fps" if a.camera_fps > 0 else "rendering off"
     md = [f"Pipeline latency, {a.robot}, scripted policy (no model time), jtc controller, MuJoCo sim {cam}, "
-          f"{where} over Fast DDS (LARGE_DATA, localhost)"
+          "all nodes in separate processes over Fast DDS (localhost)"
           + (f", nodes from {a.nodes_from}" if a.nodes_from else "") + ", one "
           f"rgb8 image every {a.period:g} s on the policy's image topic.",
           f"Machine: {machine()}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "

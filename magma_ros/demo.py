@@ -470,7 +470,7 @@ def _run(a) -> int:
         _say(f"first action after {t_first - t_start:.1f} s (model load + first inference); "
              f"instruction: '{a.instruction}'")
         n0 = len(probe.twists)
-        cpu0 = _graph_cpu(runner)
+        cpu0 = graph_cpu_seconds(runner)
         last_report = time.monotonic()
         while len(probe.twists) < a.steps:
             if not alive():
@@ -483,7 +483,7 @@ def _run(a) -> int:
                 _say(f"  step {len(probe.twists)}/{a.steps}")
                 last_report = time.monotonic()
             time.sleep(0.05)
-        cpu1 = _graph_cpu(runner)
+        cpu1 = graph_cpu_seconds(runner)
         if a.tom_rate > 0 and not probe.has_tom:  # ToM runs only in the actions' slack: give it time
             _say("waiting up to 60 s for a ToM plan (it runs at low priority, between actions)")
             probe.wait_for(lambda: probe.has_tom, 60, alive=alive)
@@ -529,10 +529,12 @@ def _run(a) -> int:
     return 0 if ok and not audit.violations else 1
 
 
-def _graph_cpu(runner) -> dict[str, float]:
-    """CPU seconds used so far by each process of the graph and by this one (probe, video)."""
+def graph_cpu_seconds(runner, this: str | None = "demo") -> dict[str, float]:
+    """CPU seconds used so far by each process of the graph and, under the label ``this`` (None: not
+    at all), by this one (probe, video)."""
     out = {label: process_cpu_seconds(p.pid) for label, p in runner.processes.items()}
-    out["demo"] = process_cpu_seconds(os.getpid())
+    if this is not None:
+        out[this] = process_cpu_seconds(os.getpid())
     return out
 
 

@@ -387,7 +387,7 @@ class SafetyFilter:
         self._t_last = -math.inf  # time of the last step
         # the step being planned: anchor (q, v, a), piece duration h, velocity-change window w
         self._h = self._w = self.dt
-        self._cruise_now: int | None = None  # periods at speed before the tail of the step being planned
+        self._cruise_now = self.cruise  # periods at speed before the tail of the step being planned
         self._q_next = self.q
 
     # ----------------------------------------------------------------------------------------- inputs
@@ -812,9 +812,8 @@ class SafetyFilter:
         """Velocities from which the arm can still stop inside the band after the next piece (``_h``):
         room above / below (0 when outside the band: never further out) -> (-down speed, up speed)."""
         A = self.a_max
-        cruise = self.cruise if self._cruise_now is None else self._cruise_now
         room = np.concatenate((np.maximum(self.q_hi, q) - q, q - np.minimum(self.q_lo, q)))
-        bs = brake_speed(room, np.concatenate((A, A)), self.dt, first=self._h + cruise * self.dt,
+        bs = brake_speed(room, np.concatenate((A, A)), self.dt, first=self._h + self._cruise_now * self.dt,
                          stretch=self.stretch)
         n = q.size
         return -bs[n:], bs[:n]
@@ -906,7 +905,7 @@ class SafetyFilter:
         q = self.q if q is None else q
         v = self.v if v is None else v
         a = self.a if a is None else a
-        cruise = self._tail_cruise() if self._cruise_now is None else min(self._tail_cruise(), self._cruise_now)
+        cruise = min(self._tail_cruise(), self._cruise_now)
         if cruise and self.pdv is not None:  # the cruise piece starts at q: inside the bounds there?
             vlo, vhi = self.pdv.bounds(q, self.v_max)
             if np.any(v < vlo - 1e-12) or np.any(v > vhi + 1e-12):
@@ -974,7 +973,7 @@ class SafetyFilter:
     def _ws_ok(self, q_new: np.ndarray, v_new: np.ndarray) -> bool:
         """The stopping point of a controlled stop from (q_new, v_new) must be inside the box
         (or closer to it than the current position is)."""
-        stop = uniform_stop(q_new, v_new, self.a_max, self.dt, 10_000, self._cruise_now or 0)
+        stop = uniform_stop(q_new, v_new, self.a_max, self.dt, 10_000, self._cruise_now)
         q_stop = stop[-1] if len(stop) else q_new
         viol = self._ws_violation(q_stop)
         return viol <= 0 or viol < self._ws_violation(self.q) - 1e-9

@@ -174,8 +174,7 @@ class SafetyNode(Node):
 
     def _on_estop(self, _msg: Empty) -> None:
         was = self.filter.estopped
-        t = self._now()
-        self.filter.estop(t)
+        self.filter.estop(self._now())
         if not was:
             self.get_logger().error("E-STOP latched: controlled stop, then hold (safety/reset releases)")
             self._publish_status(force=True)
