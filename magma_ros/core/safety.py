@@ -877,9 +877,20 @@ class SafetyFilter:
         v_track = (q_des - q0) / h
         # each joint must be able to stop where its path next reverses or ends
         e = cmd.turns[cmd.segment(t + self.dt)] - q0
-        stop = brake_speed(np.abs(e), self.a_max, self.dt, first=h, stretch=self.stretch)
         toward = (np.sign(v_track) == np.sign(e)) & (v_track != 0)
         lo, hi = self._box(q0, v0, a0)
+        first = h
+        if cmd is self._hold_cmd and self._cruise_now:
+            # the hold's tail keeps a cruise period (a late tick meets the arm still approaching, not
+            # braking): it must stop at the measured arm after it, too; a tick that comes after the
+            # previous tail began braking drops it (as for the limits)
+            first = h + self._cruise_now * self.dt
+            stop = brake_speed(np.abs(e), self.a_max, self.dt, first=first, stretch=self.stretch)
+            if np.any(toward & (np.minimum(np.abs(lo), np.abs(hi)) > stop) & (np.sign(lo) == np.sign(hi))):
+                self._cruise_now = 0
+                lo, hi = self._box(q0, v0, a0)
+                first = h
+        stop = brake_speed(np.abs(e), self.a_max, self.dt, first=first, stretch=self.stretch)
         if (np.all(v_track >= lo) and np.all(v_track <= hi)
                 and np.all(~toward | (np.abs(v_track) <= stop * (1 + 1e-9) + 1e-12))):
             return self._limit(v_track, q_des, q0, v0, a0, box=(lo, hi))  # in limits: pass through unchanged
@@ -900,7 +911,8 @@ class SafetyFilter:
         command is followed the tail first keeps the velocity for one period (a message up to one
         period late meets an arm still at full speed, and continues it), then stops uniformly along
         the direction of motion; near a limit, where that would not do, the stop is computed step by
-        step by the limiter. While stopping or holding there is no cruise period.
+        step by the limiter. While stopping or holding still there is no cruise period; the approach
+        to the measured arm after a following error keeps it.
         """
         q = self.q if q is None else q
         v = self.v if v is None else v
@@ -934,8 +946,10 @@ class SafetyFilter:
         return self._braking_tail_exact(q, v, a, max_points, cruise)
 
     def _tail_cruise(self) -> int:
-        """Periods at speed before the braking tail starts: one while a command is followed."""
-        return self.cruise if (self.active is not None and not self.estopped and self._hold_cmd is None) else 0
+        """Periods at speed before the braking tail starts: one while a command (or, after a following
+        error, the measured arm) is followed."""
+        moving = self._hold_cmd is not None or self.active is not None
+        return self.cruise if (moving and not self.estopped) else 0
 
     def _braking_tail_exact(self, q, v, a, max_points: int, cruise: int = 0) -> np.ndarray:
         saved = (self._q_next, self._h, self._w, self._cruise_now)

@@ -676,6 +676,31 @@ def test_following_error_push_holds_at_measured_without_jump(controller):
     assert f.on_command("policy", r.arm_joints, [pushed + 0.05], [0.3], 0.0, t).accepted
 
 
+@pytest.mark.parametrize("robot", sorted(ROBOTS))
+@pytest.mark.parametrize("late", [0.0, 0.1, 0.4])
+def test_push_hold_approach_under_late_ticks_is_prompt_and_monotone(robot, late):
+    """A JTC stream whose ticks come late (within late_tick): the hold after a push still reaches the
+    measured arm as fast as with punctual ticks, and only ever closer to it. Without a cruise period
+    on the hold's tail every late tick met the controller already braking: the approach crawled
+    (over 10 s instead of 1-2 s) and the braking tail could overshoot the measured arm."""
+    r, f, t, chk = moving_filter(robot)
+    pushed = f.q.copy()
+    pushed[1] += 0.3
+    outs = []
+    for _ in range(int(4.0 / DT)):  # 4 s of ticks, each `late` of a period late
+        t += DT * (1 + late)
+        f.on_joint_state(r.arm_joints, pushed, t, t)
+        assert not chk.check(t, f.step(t))
+        outs.append(f.jtc_points()[0].copy())
+    assert f.status().state == "holding:following error"
+    d = np.abs(np.array(outs) - pushed).max(axis=1)
+    reached = np.nonzero(d < 1e-9)[0]
+    assert reached.size and reached[0] * DT * (1 + late) < 2.5, d[::50]  # reached within 2.5 s
+    assert np.all(d[reached[0]:] < 1e-9)  # and held there
+    peak = int(np.argmax(d))
+    assert np.all(np.diff(d[peak:]) <= 1e-12), np.diff(d[peak:]).max()  # once braked: only ever closer
+
+
 def test_transport_delay_is_not_a_following_error():
     """A joint state compared at its own stamp: an arm that tracks perfectly but whose states arrive
     250 ms late (while moving fast) is no following error; compared at arrival it would be."""
