@@ -20,6 +20,8 @@ a robot.
 
 from __future__ import annotations
 
+import time
+
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -40,6 +42,40 @@ OUTPUT_DEPTH = 100  # history of the controller-topic publisher (1 s at 100 Hz),
 LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
 COMMANDS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+
+
+class SimClockBetween:
+    """Simulated time between two /clock messages (ROS-free; the node feeds it).
+
+    ``on_clock(clock_ns, wall)`` per /clock message (``wall``: monotonic seconds at arrival);
+    ``now_ns(node_ns, wall)`` is ``node_ns`` (the node clock, which jumps at each message) plus the wall
+    time since the newest message at the clock's rate (sim seconds per wall second, smoothed over the
+    last increments), capped at ``cap`` of its last increment so the next message's time is never
+    passed. A clock that stands still (repeated values), goes back or comes from elsewhere gives
+    ``node_ns`` unchanged.
+    """
+
+    def __init__(self, cap: float = 0.9, smoothing: float = 0.2):
+        self.cap, self.smoothing = cap, smoothing
+        self.clock_ns: int | None = None  # newest /clock value
+        self.wall = 0.0  # its arrival
+        self.step_ns = 0  # its increment over the one before (0: the clock stands still)
+        self.rate = 0.0  # sim seconds per wall second
+
+    def on_clock(self, clock_ns: int, wall: float) -> None:
+        if self.clock_ns is not None and clock_ns > self.clock_ns:
+            self.step_ns = clock_ns - self.clock_ns
+            r = self.step_ns * 1e-9 / max(wall - self.wall, 1e-4)
+            self.rate = r if self.rate == 0.0 else self.rate + self.smoothing * (r - self.rate)
+        else:
+            self.step_ns = 0
+        self.clock_ns, self.wall = clock_ns, wall
+
+    def now_ns(self, node_ns: int, wall: float) -> int:
+        if self.clock_ns is None or node_ns != self.clock_ns or self.step_ns <= 0:
+            return node_ns
+        ahead = min(max(wall - self.wall, 0.0) * self.rate * 1e9, self.cap * self.step_ns)
+        return node_ns + int(ahead)
 
 
 class SafetyNode(Node):
@@ -100,6 +136,16 @@ class SafetyNode(Node):
         self.create_service(Trigger, "safety/reset", self._on_reset, callback_group=group)
         self.create_service(Trigger, "safety/resume_policy", self._on_resume, callback_group=group)
         self._timer = self.create_timer(dt, self._tick, callback_group=group)  # node clock: honours use_sim_time
+        self._sim_clock = None
+        if self.get_parameter("use_sim_time").value:
+            from rosgraph_msgs.msg import Clock
+
+            # the node clock advances only with /clock (the sim: every 10 ms); an output at once needs
+            # the instant in between (see _now_between)
+            self._sim_clock = SimClockBetween()
+            self.create_subscription(Clock, "/clock", lambda m: self._sim_clock.on_clock(
+                m.clock.sec * 1_000_000_000 + m.clock.nanosec, time.monotonic()), qos_profile_sensor_data,
+                callback_group=group)
         self.create_timer(1.0, lambda: self._publish_status(force=True), callback_group=group)
 
         self._last_status = None
@@ -107,6 +153,7 @@ class SafetyNode(Node):
         self._rejections = 0
         self._ticks = 0
         self._extra_out = False  # the last output step was an extra one (output_on_command), not a tick
+        self._t_between = -1e18  # its time (in sim time: between two /clock messages)
         self._internal_errors = 0
         self._internal_error = ""  # the last internal error (reported until the node restarts)
         self._last_out = None  # the last output published (the fallback hold)
@@ -204,8 +251,22 @@ class SafetyNode(Node):
             self._timer.reset()
             self._tick(extra=True)
 
-    def _tick(self, extra: bool = False) -> None:
+    def _now_between(self) -> float:
+        """The node clock, and in simulated time the instant between two /clock messages: the last
+        one's time plus the wall time since it arrived (at the clock's measured rate), short of the
+        next one's. Without it an output at once would carry the last tick's time: nothing new."""
         t = self._now()
+        if self._sim_clock is None:
+            return t
+        ns = self._sim_clock.now_ns(self.get_clock().now().nanoseconds, time.monotonic())
+        return (ns - self._origin * 1_000_000_000) * 1e-9
+
+    def _tick(self, extra: bool = False) -> None:
+        t = self._now_between() if extra else self._now()
+        if extra:
+            self._t_between = t
+        elif self._t_between - self.dt < t < self._t_between:  # (a /clock step shorter than the one before)
+            t = self._t_between
         self._extra_out = extra
         self._ticks += 1
         try:

@@ -65,6 +65,7 @@ class Probe:
         self.sag = None  # fixed measured offset from the output (None: perfect tracking)
         self.sim_rate = sim_rate  # sim seconds per wall second (None: real time)
         self.sim_t = 100.0
+        self.clock_sent: list[float] = []  # every /clock value published
         self._last_wall = time.monotonic()
         self.outs: list[tuple[float, np.ndarray]] = []  # (wall time received, positions)
         self.grip: list[float] = []
@@ -169,6 +170,7 @@ class Probe:
             self.sim_t += (w - self._last_wall) * self.sim_rate
             self._last_wall = w
             self.clock_pub.publish(self._C(clock=stamp_of(self.sim_t)))
+            self.clock_sent.append(self.sim_t)
         if self.feed:
             m = self._JS()
             m.header.stamp = stamp_of(self.q_stamp if (self.sag is None and self.q_stamp) else self.now())
@@ -719,4 +721,35 @@ def test_a_command_and_an_estop_go_out_at_once_not_at_the_next_tick(nodes, rclpy
     assert probe.wait(lambda: len(probe.outs) > n, 5.0)
     assert probe.stamps[n] == pytest.approx(probe.sim_t, abs=1e-6)  # the stop starts at once
     assert probe.wait_state(lambda s: s in ("stopping", "estopped"))
+    assert not probe.audit(), probe.audit()[:5]
+
+
+def test_an_output_at_once_in_sim_time_is_stamped_between_clock_messages_and_moves(nodes, rclpy_node):
+    """In simulated time the node clock advances only with /clock (here every ~20 ms, as a sim with a
+    slow clock; the node ticks on each message). An accepted command between two /clock messages goes
+    out at once stamped with the instant in between (the newest clock plus the wall time since, at the
+    clock's rate), and it already follows the command. Before, that output carried the last tick's
+    time: it repeated the last output, and the motion started only at the next /clock message."""
+    r = load_robot("fr3")
+    proc, params = start(nodes, use_sim_time=True)
+    probe = Probe(rclpy_node, r, params, sim_rate=1.0)
+    alive(nodes, probe=probe, proc=proc)
+    assert probe.wait(lambda: len(probe.outs) > 10, 15.0), nodes.log(proc)
+    between = 0
+    trials = 8
+    for i in range(trials):
+        probe.sleep(0.15)  # at rest again (the last command was reached or is being held)
+        n = len(probe.outs)
+        before = probe.last().copy()
+        target = r.home.copy()
+        target[0] += 0.05 * (1 if i % 2 == 0 else -1)
+        probe.command([target], [0.5])
+        assert probe.wait(lambda: any(np.max(np.abs(q - before)) > 1e-9 for _, q in probe.outs[n:]), 5.0)
+        k = next(j for j in range(n, len(probe.outs)) if np.max(np.abs(probe.outs[j][1] - before)) > 1e-9)
+        stamp = probe.stamps[k]
+        on_clock = any(abs(stamp - c) < 1e-6 for c in probe.clock_sent)
+        assert stamp <= max(probe.clock_sent) + 1e-6  # never ahead of the newest /clock the node could see
+        between += not on_clock
+    # (a command that lands just as a /clock message arrives may still go out with the tick)
+    assert between >= trials - 2, f"{between} of {trials} first moves were stamped between /clock messages"
     assert not probe.audit(), probe.audit()[:5]
