@@ -753,3 +753,24 @@ def test_an_output_at_once_in_sim_time_is_stamped_between_clock_messages_and_mov
     # (a command that lands just as a /clock message arrives may still go out with the tick)
     assert between >= trials - 2, f"{between} of {trials} first moves were stamped between /clock messages"
     assert not probe.audit(), probe.audit()[:5]
+
+
+def test_sim_clock_between_never_passes_the_next_clock_message():
+    """The instant between two /clock messages: the newest time plus wall time at the clock's rate,
+    capped short of the next message; nothing added while the clock stands still, goes back, or when
+    the node clock is on another message than the one seen here."""
+    from magma_ros.nodes.safety import SimClockBetween
+
+    ms = 1_000_000
+    c = SimClockBetween()
+    assert c.now_ns(5 * ms, 1.0) == 5 * ms  # no /clock seen yet
+    for k in range(5):  # 10 ms of sim time every 20 ms of wall time: rate 0.5
+        c.on_clock(100 * ms + 10 * ms * k, 2.0 + 0.02 * k)
+    last, wall = 140 * ms, 2.08
+    assert c.now_ns(last, wall + 0.004) == last + 2 * ms  # 4 ms of wall time at half speed
+    assert c.now_ns(last, wall + 0.05) == last + 9 * ms  # capped: 90 % of the 10 ms step
+    assert c.now_ns(last - 10 * ms, wall + 0.004) == last - 10 * ms  # the node clock is on another message
+    c.on_clock(last, wall + 0.03)  # the same value again: the clock stands still
+    assert c.now_ns(last, wall + 0.04) == last
+    c.on_clock(20 * ms, wall + 0.05)  # back (a sim reset)
+    assert c.now_ns(20 * ms, wall + 0.06) == 20 * ms
