@@ -59,10 +59,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
     os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
     os.environ.setdefault("MUJOCO_GL", "egl")
-    if not a.nodes_from:  # (another checkout's nodes run with the DDS settings they had)
+    # the image publisher here uses the nodes' DDS settings: another checkout's nodes run with the ones
+    # they had (the profile came with config/fastdds.xml)
+    if not a.nodes_from or (Path(a.nodes_from) / "config" / "fastdds.xml").exists():
         from magma_ros.nodes._common import dds_defaults
 
-        dds_defaults()  # the image publisher here, as in the nodes
+        dds_defaults()
 
     from sensor_msgs.msg import Image
     from trajectory_msgs.msg import JointTrajectory
