@@ -744,8 +744,12 @@ def test_an_output_at_once_in_sim_time_is_stamped_between_clock_messages_and_mov
         target = r.home.copy()
         target[0] += 0.05 * (1 if i % 2 == 0 else -1)
         probe.command([target], [0.5])
-        assert probe.wait(lambda: any(np.max(np.abs(q - before)) > 1e-9 for _, q in probe.outs[n:]), 5.0)
-        k = next(j for j in range(n, len(probe.outs)) if np.max(np.abs(probe.outs[j][1] - before)) > 1e-9)
+        def moved(n=n, before=before):
+            return next((j for j in range(n, len(probe.outs)) if np.max(np.abs(probe.outs[j][1] - before)) > 1e-9),
+                        None)
+
+        assert probe.wait(lambda: moved() is not None, 5.0)
+        k = moved()
         stamp = probe.stamps[k]
         on_clock = any(abs(stamp - c) < 1e-6 for c in probe.clock_sent)
         assert stamp <= max(probe.clock_sent) + 1e-6  # never ahead of the newest /clock the node could see
