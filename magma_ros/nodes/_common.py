@@ -158,13 +158,32 @@ def dds_defaults(env: dict | None = None) -> dict:
     return env
 
 
+def make_executor(threads: int = 1):
+    """The executor ``run_node`` spins: one thread -> rclpy's ``EventsExecutor`` (its wait loop and
+    timers are C++: the graph's nodes spend 20-45 % less CPU than with the ``SingleThreadedExecutor``,
+    docs/performance.md), or the ``SingleThreadedExecutor`` with ``MAGMA_EXECUTOR=single`` (an rclpy
+    without the experimental executor falls back to it); more threads -> ``MultiThreadedExecutor``."""
+    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+
+    if threads > 1:
+        return MultiThreadedExecutor(num_threads=threads)
+    if os.environ.get("MAGMA_EXECUTOR", "events") != "single":
+        try:
+            from rclpy.experimental import EventsExecutor
+        except ImportError:
+            pass
+        else:
+            return EventsExecutor()
+    return SingleThreadedExecutor()
+
+
 def run_node(make_node: Callable[[], object], args=None, threads: int = 1) -> int:
     """Run a node built by ``make_node`` until shutdown. Returns the process exit status.
 
-    ``threads`` 1: a ``SingleThreadedExecutor`` -- for a node whose callbacks share one mutually
-    exclusive group (rclpy's default group), where more executor threads add no concurrency but cost a
-    lot: rclpy's ``MultiThreadedExecutor`` keeps waking while a callback of a busy exclusive group is
-    in flight (measured: most of the simulator's CPU, docs/performance.md). > 1: a
+    ``threads`` 1: one executor thread (``make_executor``) -- for a node whose callbacks share one
+    mutually exclusive group (rclpy's default group), where more executor threads add no concurrency
+    but cost a lot: rclpy's ``MultiThreadedExecutor`` keeps waking while a callback of a busy exclusive
+    group is in flight (measured: most of the simulator's CPU, docs/performance.md). > 1: a
     ``MultiThreadedExecutor`` for nodes with callbacks that must run concurrently.
 
     rclpy's own signal handlers are disabled: SIGINT/SIGTERM raise KeyboardInterrupt in the main
@@ -174,7 +193,7 @@ def run_node(make_node: Callable[[], object], args=None, threads: int = 1) -> in
     import signal
 
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
+    from rclpy.executors import ExternalShutdownException
     from rclpy.signals import SignalHandlerOptions
 
     def _interrupt(signum, frame):
@@ -188,7 +207,7 @@ def run_node(make_node: Callable[[], object], args=None, threads: int = 1) -> in
     executor = None
     try:
         node = make_node()
-        executor = MultiThreadedExecutor(num_threads=threads) if threads > 1 else SingleThreadedExecutor()
+        executor = make_executor(threads)
         executor.add_node(node)
         while rclpy.ok():  # short waits: the SIGINT/SIGTERM handler runs between them
             executor.spin_once(timeout_sec=0.1)

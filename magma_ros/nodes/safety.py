@@ -135,7 +135,9 @@ class SafetyNode(Node):
             self.create_subscription(Empty, "safety/estop", self._on_estop, qos, callback_group=group)
         self.create_service(Trigger, "safety/reset", self._on_reset, callback_group=group)
         self.create_service(Trigger, "safety/resume_policy", self._on_resume, callback_group=group)
-        self._timer = self.create_timer(dt, self._tick, callback_group=group)  # node clock: honours use_sim_time
+        # node clock: honours use_sim_time. (A timer callback with a parameter gets rclpy's TimerInfo from
+        # the EventsExecutor: _tick's `extra` must not be filled by it.)
+        self._timer = self.create_timer(dt, lambda: self._tick(), callback_group=group)
         self._sim_clock = None
         if self.get_parameter("use_sim_time").value:
             from rosgraph_msgs.msg import Clock
