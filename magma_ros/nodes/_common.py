@@ -159,15 +159,16 @@ def dds_defaults(env: dict | None = None) -> dict:
 
 
 def make_executor(threads: int = 1):
-    """The executor ``run_node`` spins: one thread -> rclpy's ``EventsExecutor`` (its wait loop and
-    timers are C++: the graph's nodes spend 20-45 % less CPU than with the ``SingleThreadedExecutor``,
-    docs/performance.md), or the ``SingleThreadedExecutor`` with ``MAGMA_EXECUTOR=single`` (an rclpy
-    without the experimental executor falls back to it); more threads -> ``MultiThreadedExecutor``."""
+    """The executor ``run_node`` spins: one thread -> the ``SingleThreadedExecutor``, or with
+    ``MAGMA_EXECUTOR=events`` rclpy's experimental ``EventsExecutor`` (its wait loop and timers are
+    C++: the demo graph needs a third less CPU) -- not the default: in the teleop takeover system test
+    the teleop node never engaged in 4 of 12 runs with it, 0 of 12 without, cause not found
+    (docs/performance.md). More threads -> ``MultiThreadedExecutor``."""
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 
     if threads > 1:
         return MultiThreadedExecutor(num_threads=threads)
-    if os.environ.get("MAGMA_EXECUTOR", "events") != "single":
+    if os.environ.get("MAGMA_EXECUTOR", "single") == "events":
         try:
             from rclpy.experimental import EventsExecutor
         except ImportError:
