@@ -161,9 +161,10 @@ def dds_defaults(env: dict | None = None) -> dict:
 def make_executor(threads: int = 1):
     """The executor ``run_node`` spins: one thread -> the ``SingleThreadedExecutor``, or with
     ``MAGMA_EXECUTOR=events`` rclpy's experimental ``EventsExecutor`` (its wait loop and timers are
-    C++: the demo graph needs a third less CPU) -- not the default: in the teleop takeover system test
-    the teleop node never engaged in 4 of 12 runs with it, 0 of 12 without, cause not found
-    (docs/performance.md). More threads -> ``MultiThreadedExecutor``."""
+    C++: the demo graph needs a third less CPU) -- not the default: it is experimental in rclpy, and
+    a failure of the teleop takeover system test seen while it was tried (the teleop node never
+    engaging; later also without it) is not explained yet (docs/nodes.md). More threads ->
+    ``MultiThreadedExecutor``."""
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 
     if threads > 1:
