@@ -879,18 +879,17 @@ class SafetyFilter:
         e = cmd.turns[cmd.segment(t + self.dt)] - q0
         toward = (np.sign(v_track) == np.sign(e)) & (v_track != 0)
         lo, hi = self._box(q0, v0, a0)
-        first = h
-        if cmd is self._hold_cmd and self._cruise_now:
-            # the hold's tail keeps a cruise period (a late tick meets the arm still approaching, not
-            # braking): it must stop at the measured arm after it, too; a tick that comes after the
-            # previous tail began braking drops it (as for the limits)
-            first = h + self._cruise_now * self.dt
-            stop = brake_speed(np.abs(e), self.a_max, self.dt, first=first, stretch=self.stretch)
-            if np.any(toward & (np.minimum(np.abs(lo), np.abs(hi)) > stop) & (np.sign(lo) == np.sign(hi))):
-                self._cruise_now = 0
-                lo, hi = self._box(q0, v0, a0)
-                first = h
+        # the hold's tail keeps a cruise period (a late tick meets the arm still approaching, not
+        # braking): it must stop at the measured arm after it, too; a tick that comes after the
+        # previous tail began braking drops it (as for the limits)
+        hold = cmd is self._hold_cmd
+        first = h + (self._cruise_now * self.dt if hold else 0.0)
         stop = brake_speed(np.abs(e), self.a_max, self.dt, first=first, stretch=self.stretch)
+        if (hold and self._cruise_now
+                and np.any(toward & (np.minimum(np.abs(lo), np.abs(hi)) > stop) & (np.sign(lo) == np.sign(hi)))):
+            self._cruise_now = 0
+            lo, hi = self._box(q0, v0, a0)
+            stop = brake_speed(np.abs(e), self.a_max, self.dt, first=h, stretch=self.stretch)
         if (np.all(v_track >= lo) and np.all(v_track <= hi)
                 and np.all(~toward | (np.abs(v_track) <= stop * (1 + 1e-9) + 1e-12))):
             return self._limit(v_track, q_des, q0, v0, a0, box=(lo, hi))  # in limits: pass through unchanged

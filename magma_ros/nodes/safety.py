@@ -170,7 +170,10 @@ class SafetyNode(Node):
     # The filter runs on seconds since a whole-second origin taken at start-up: an epoch time (1.8e9 s)
     # as a float resolves only ~0.2 µs, too coarse for limits checked over a few milliseconds.
     def _now(self) -> float:
-        ns = self.get_clock().now().nanoseconds
+        return self._seconds(self.get_clock().now().nanoseconds)
+
+    def _seconds(self, ns: int) -> float:
+        """Node-clock nanoseconds on the filter's time base."""
         if self._origin is None:
             self._origin = ns // 1_000_000_000
         return (ns - self._origin * 1_000_000_000) * 1e-9
@@ -257,11 +260,10 @@ class SafetyNode(Node):
         """The node clock, and in simulated time the instant between two /clock messages: the last
         one's time plus the wall time since it arrived (at the clock's measured rate), short of the
         next one's. Without it an output at once would carry the last tick's time: nothing new."""
-        t = self._now()
-        if self._sim_clock is None:
-            return t
-        ns = self._sim_clock.now_ns(self.get_clock().now().nanoseconds, time.monotonic())
-        return (ns - self._origin * 1_000_000_000) * 1e-9
+        ns = self.get_clock().now().nanoseconds
+        if self._sim_clock is not None:
+            ns = self._sim_clock.now_ns(ns, time.monotonic())
+        return self._seconds(ns)
 
     def _tick(self, extra: bool = False) -> None:
         t = self._now_between() if extra else self._now()

@@ -122,9 +122,6 @@ def test_takeover_stop_holdback_and_handback(nodes, ros_env, tmp_path):
                                    QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT))
     joy = Joy(probe.node)
     teleop.start()
-    t_servo = None  # when the teleop servo was seen up (its start-up log line)
-    if probe.wait_for(lambda: "servo for" in teleop.log_text("teleop_servo"), 60, alive=lambda: teleop.running()):
-        t_servo = time.monotonic()
 
     def alive():
         return teleop.running() and all(p.poll() is None for _, p, _ in nodes.procs)
@@ -183,6 +180,10 @@ def test_takeover_stop_holdback_and_handback(nodes, ros_env, tmp_path):
         return t_press
 
     try:
+        assert probe.wait_for(lambda: "servo for" in teleop.log_text("teleop_servo"), 60, alive=alive), \
+            explain("the teleop servo did not start")
+        t_servo = time.monotonic()  # the teleop servo is up (its start-up log line)
+
         # 1. The policy drives.
         assert probe.wait_for(lambda: source() == "policy", 240, alive=alive), explain("policy never drove")
         assert moves_within(60), explain("the policy did not move the arm")
@@ -193,10 +194,6 @@ def test_takeover_stop_holdback_and_handback(nodes, ros_env, tmp_path):
         # first commands 2.84-3.01 s after it started, 4 times): what it publishes before is lost. An
         # operator does not take over within seconds of launching teleop; the latency asserted below is
         # the graph's, so the takeover comes 4 s after the teleop servo is up.
-        assert probe.wait_for(lambda: "servo for" in teleop.log_text("teleop_servo"), 60, alive=alive), \
-            explain("the teleop servo did not start")
-        if t_servo is None:
-            t_servo = time.monotonic()
         probe.wait_for(lambda: False, max(0.0, t_servo + 4.0 - time.monotonic()), alive=alive)
         t_press = take_over("takeover 1")
         probe.wait_for(lambda: False, 0.5, alive=alive)  # the policy's last step brakes out first
